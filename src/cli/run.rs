@@ -1,0 +1,202 @@
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentbox::docker::{Engine, Output};
+use agentbox::supervisor::{self, RunEvent, RunOutcome, RunRequest, StopLevel, StopSignal};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, watch};
+
+use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, task_name};
+
+/// The image a task runs in unless told otherwise; `images/build-base.sh` builds it.
+pub const DEFAULT_IMAGE: &str = "agentbox/base:bookworm";
+
+/// Run a command in a new task: its own branch, worktree and container
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The task's name: lowercase letters, digits, '.', '_' and '-' (it names the branch
+    /// agentbox/<task>, the worktree and the container)
+    #[arg(allow_hyphen_values = true)]
+    task: String,
+    /// Image to run the task in
+    #[arg(long, default_value = DEFAULT_IMAGE)]
+    image: String,
+    /// Commit, branch or tag to start the task's branch from [default: HEAD]
+    #[arg(long, value_name = "REF")]
+    base: Option<String>,
+    /// Set an environment variable in the container (K=V, or K to pass agentbox's own value)
+    #[arg(long = "env", short = 'e', value_name = "K=V")]
+    env: Vec<String>,
+    /// Add a label to the container
+    #[arg(long = "label", value_name = "K=V")]
+    labels: Vec<String>,
+    /// Leave the worktree and the stopped container for inspection instead of tearing down
+    #[arg(long)]
+    keep: bool,
+    /// Directory for task worktrees [default: <repo's parent>/.agentbox-worktrees/<repo name>]
+    #[arg(long, value_name = "DIR")]
+    worktree_root: Option<PathBuf>,
+    /// Run as UID:GID inside the container [default: agentbox's own uid:gid]
+    #[arg(long, value_name = "UID:GID")]
+    user: Option<String>,
+    /// Seconds between SIGTERM and SIGKILL when the task is stopped
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    stop_timeout: u64,
+    /// The command to run; the image's default command when omitted
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn fail(error: impl std::fmt::Display) -> CommandError {
+    CommandError::new(error, EXIT_AGENTBOX_FAILED)
+}
+
+fn key_value(raw: &str, what: &str) -> Result<(String, String), CommandError> {
+    match raw.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        None if what == "--env" && !raw.is_empty() => match std::env::var(raw) {
+            Ok(value) => Ok((raw.to_owned(), value)),
+            Err(_) => Err(fail(format!(
+                "--env {raw}: {raw} is not set in agentbox's environment; write {raw}=VALUE"
+            ))),
+        },
+        _ => Err(fail(format!("{what} {raw:?} must have the form KEY=VALUE"))),
+    }
+}
+
+pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
+    // Everything is checked before anything is created.
+    let task = task_name(&args.task, EXIT_AGENTBOX_FAILED)?;
+    let env = args
+        .env
+        .iter()
+        .map(|raw| key_value(raw, "--env"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let labels = args
+        .labels
+        .iter()
+        .map(|raw| key_value(raw, "--label"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let user = Some(args.user.unwrap_or_else(|| {
+        format!(
+            "{}:{}",
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw()
+        )
+    }));
+    let ws = context
+        .workspace(args.worktree_root.as_deref())
+        .map_err(fail)?;
+    let engine = Engine::connect(context.env.docker_host.as_deref())
+        .await
+        .map_err(fail)?;
+
+    let request = RunRequest {
+        task,
+        image: args.image,
+        base: args.base,
+        command: (!args.command.is_empty()).then_some(args.command),
+        env,
+        labels,
+        user,
+        keep: args.keep,
+        stop_timeout: Duration::from_secs(args.stop_timeout),
+    };
+    let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);
+    let signals = tokio::spawn(forward_signals(stop_tx));
+    let (events_tx, events_rx) = mpsc::channel(256);
+    let printer = tokio::spawn(print_events(events_rx));
+
+    let result = supervisor::run(&ws, &engine, request, events_tx, stop_rx).await;
+    let _ = printer.await;
+    signals.abort();
+    match result {
+        Ok(outcome) => Ok(report(&outcome)),
+        Err(supervisor::RunError::InterruptedBeforeStart { signal, task }) => {
+            eprintln!("agentbox: task {task} was interrupted before its command started");
+            Ok(signal.exit_code() as u8)
+        }
+        Err(e) => Err(fail(e)),
+    }
+}
+
+/// The first SIGINT or SIGTERM asks for a graceful stop; a second one for an immediate kill. The
+/// teardown (and the snapshot) happens either way.
+async fn forward_signals(stop: watch::Sender<StopLevel>) {
+    let (Ok(mut interrupt), Ok(mut terminate)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let mut first = None;
+    loop {
+        let received = tokio::select! {
+            _ = interrupt.recv() => StopSignal::Interrupt,
+            _ = terminate.recv() => StopSignal::Terminate,
+        };
+        let level = match first {
+            None => {
+                first = Some(received);
+                StopLevel::Graceful(received)
+            }
+            Some(first) => StopLevel::Immediate(first),
+        };
+        let _ = stop.send(level);
+    }
+}
+
+async fn print_events(mut events: mpsc::Receiver<RunEvent>) {
+    while let Some(event) = events.recv().await {
+        match event {
+            RunEvent::Output(Output::Stdout(bytes)) => {
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(&bytes).and_then(|()| out.flush());
+            }
+            RunEvent::Output(Output::Stderr(bytes)) => {
+                let mut err = std::io::stderr().lock();
+                let _ = err.write_all(&bytes).and_then(|()| err.flush());
+            }
+            RunEvent::Stopping { immediate: false } => {
+                eprintln!(
+                    "agentbox: stopping the task gracefully (interrupt again to kill it now)"
+                );
+            }
+            RunEvent::Stopping { immediate: true } => eprintln!("agentbox: killing the task"),
+            RunEvent::StartFailed { message } => {
+                eprintln!("agentbox: the command could not be started: {message}")
+            }
+            RunEvent::Started { .. } => {}
+        }
+    }
+}
+
+/// Prints the one-line summary and returns agentbox's exit code.
+fn report(outcome: &RunOutcome) -> u8 {
+    let summary = &outcome.summary;
+    let task = &summary.task;
+    if let Some(commit) = &summary.snapshot_commit {
+        eprintln!("agentbox: snapshot commit {commit} keeps uncommitted work of task {task}");
+    }
+    let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    eprintln!(
+        "agentbox: task {task} exited {}; branch {}: {} ahead of {}, {} changed",
+        outcome.exit_code,
+        summary.branch,
+        plural(summary.commits_ahead, "commit"),
+        summary.base,
+        plural(summary.files_changed, "file"),
+    );
+    if let Some(kept) = &summary.kept {
+        eprintln!(
+            "agentbox: kept worktree {} and stopped container {}; `agentbox rm {task}` removes them",
+            kept.worktree.display(),
+            kept.container
+        );
+    }
+    match outcome.stopped_by {
+        Some(signal) => signal.exit_code() as u8,
+        None => u8::try_from(outcome.exit_code).unwrap_or(EXIT_AGENTBOX_FAILED),
+    }
+}

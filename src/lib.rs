@@ -1,0 +1,18 @@
+//! agentbox: a container-plus-worktree runtime. Each task gets its own git worktree on its own branch,
+//! bind-mounted into its own Docker container; a supervisor streams its output, waits for it and tears
+//! everything down again while keeping every byte of the task's work on its branch.
+//!
+//! The library never prints and never reads the environment: the binary passes in what it needs
+//! (engine address, state home) and renders the events and errors it gets back.
+
+pub mod docker;
+pub mod git;
+pub mod manage;
+pub mod state;
+pub mod supervisor;
+pub mod task;
+pub mod workspace;
+
+pub use supervisor::{RunEvent, RunOutcome, RunRequest, StopLevel};
+pub use task::{TaskName, TaskRecord, TaskState};
+pub use workspace::Workspace;

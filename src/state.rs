@@ -1,0 +1,285 @@
+//! The state dir: one record file and one log file per task, kept outside every path that is mounted
+//! into a container so that a task can never rewrite agentbox's own records.
+//!
+//! There is no lock over the whole directory: records are replaced atomically (write, then rename), and
+//! each task has its own lock file that its supervisor holds for as long as it lives. Holding that
+//! lock is what "this task is running" means; the kernel drops it when the supervisor dies, however it
+//! dies, so a record in an active state whose lock is free was left by a dead run.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use crate::task::{TaskName, TaskRecord};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("task record {} is corrupt: {source}", path.display())]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+fn io_error<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StateError + 'a {
+    move |source| StateError::Io {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A stable, readable identifier for a repository: its directory name plus a hash of the absolute
+/// path of its git common dir, so two clones called `app` get different ids.
+pub fn repo_id(repo_name: &str, common_dir: &Path) -> String {
+    let name: String = repo_name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(24)
+        .collect();
+    let name = name.trim_matches('-');
+    let name = if name.is_empty() { "repo" } else { name };
+    format!(
+        "{name}-{:08x}",
+        fnv1a(common_dir.as_os_str().as_encoded_bytes()) as u32
+    )
+}
+
+/// FNV-1a: a fixed hash that will not change between Rust releases, unlike std's `DefaultHasher`.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+/// Proof that this process supervises a task. Dropping it (or dying) releases the task.
+#[derive(Debug)]
+pub struct TaskClaim {
+    _lock: File,
+}
+
+impl StateDir {
+    /// `state_home` is `$XDG_STATE_HOME` (or its default), as resolved by the caller.
+    pub fn new(state_home: &Path, repo_id: &str) -> Self {
+        Self {
+            root: state_home.join("agentbox").join(repo_id),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn tasks_dir(&self) -> PathBuf {
+        self.root.join("tasks")
+    }
+
+    fn record_path(&self, name: &TaskName) -> PathBuf {
+        self.tasks_dir().join(format!("{name}.json"))
+    }
+
+    fn lock_path(&self, name: &TaskName) -> PathBuf {
+        self.tasks_dir().join(format!("{name}.lock"))
+    }
+
+    pub fn log_path(&self, name: &TaskName) -> PathBuf {
+        self.root.join("logs").join(format!("{name}.log"))
+    }
+
+    fn ensure_dirs(&self) -> Result<(), StateError> {
+        for dir in [self.tasks_dir(), self.root.join("logs")] {
+            fs::create_dir_all(&dir).map_err(io_error("create state directory", &dir))?;
+        }
+        Ok(())
+    }
+
+    fn open_lock(&self, name: &TaskName) -> Result<File, StateError> {
+        self.ensure_dirs()?;
+        let path = self.lock_path(name);
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_error("open task lock", &path))
+    }
+
+    /// Takes the task for this process, or returns `None` when a live supervisor already holds it.
+    pub fn try_claim(&self, name: &TaskName) -> Result<Option<TaskClaim>, StateError> {
+        let file = self.open_lock(name)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(TaskClaim { _lock: file })),
+            Err(TryLockError::WouldBlock) => Ok(None),
+            Err(TryLockError::Error(source)) => Err(StateError::Io {
+                action: "lock",
+                path: self.lock_path(name),
+                source,
+            }),
+        }
+    }
+
+    /// Whether a live process supervises the task.
+    pub fn is_supervised(&self, name: &TaskName) -> Result<bool, StateError> {
+        Ok(self.try_claim(name)?.is_none())
+    }
+
+    /// Blocks until no process supervises the task any more (its supervisor finished or died).
+    pub fn wait_unsupervised(&self, name: &TaskName) -> Result<(), StateError> {
+        let file = self.open_lock(name)?;
+        file.lock()
+            .map_err(io_error("wait for the lock", &self.lock_path(name)))?;
+        Ok(())
+    }
+
+    pub fn read(&self, name: &TaskName) -> Result<Option<TaskRecord>, StateError> {
+        let path = self.record_path(name);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StateError::Corrupt { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_error("read", &path)(e)),
+        }
+    }
+
+    /// Replaces the task's record atomically, so a reader never sees half a record.
+    pub fn write(&self, record: &TaskRecord) -> Result<(), StateError> {
+        self.ensure_dirs()?;
+        let path = self.record_path(&record.name);
+        let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+        let bytes = serde_json::to_vec_pretty(record).expect("a task record always serialises");
+        let mut file = File::create(&tmp).map_err(io_error("create", &tmp))?;
+        file.write_all(&bytes).map_err(io_error("write", &tmp))?;
+        file.sync_data().map_err(io_error("sync", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io_error("replace", &path))
+    }
+
+    /// Forgets a task: its record and its log.
+    pub fn remove(&self, name: &TaskName) -> Result<(), StateError> {
+        for path in [self.record_path(name), self.log_path(name)] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("remove", &path)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Every task record, sorted by name.
+    pub fn list(&self) -> Result<Vec<TaskRecord>, StateError> {
+        let dir = self.tasks_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_error("list", &dir)(e)),
+        };
+        let mut records = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_error("list", &dir))?;
+            let file_name = entry.file_name();
+            let Some(stem) = file_name.to_str().and_then(|n| n.strip_suffix(".json")) else {
+                continue;
+            };
+            let Ok(name) = TaskName::parse(stem) else {
+                continue;
+            };
+            if let Some(record) = self.read(&name)? {
+                records.push(record);
+            }
+        }
+        records.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(records)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::task::TaskState;
+    use std::time::SystemTime;
+
+    fn record(name: &str) -> TaskRecord {
+        let name = TaskName::parse(name).unwrap();
+        TaskRecord {
+            branch: name.branch(),
+            name,
+            state: TaskState::Running,
+            base: "HEAD".into(),
+            base_commit: "0".repeat(40),
+            image: "img".into(),
+            command: vec!["true".into()],
+            worktree: "/wt".into(),
+            container_name: "c".into(),
+            container_id: None,
+            created_branch: true,
+            supervisor_pid: 1,
+            exit_code: None,
+            started_at: SystemTime::UNIX_EPOCH,
+            finished_at: None,
+            snapshot_commit: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn repo_id_is_readable_and_tells_same_named_repos_apart() {
+        let a = repo_id("My App.git", Path::new("/a/My App.git"));
+        let b = repo_id("My App.git", Path::new("/b/My App.git"));
+        assert!(a.starts_with("my-app-git-"), "{a}");
+        assert_ne!(a, b);
+        assert_eq!(a, repo_id("My App.git", Path::new("/a/My App.git")));
+    }
+
+    #[test]
+    fn records_round_trip_and_list_sorted() {
+        let home = tempfile::tempdir().unwrap();
+        let state = StateDir::new(home.path(), "r-1");
+        assert!(state.list().unwrap().is_empty());
+        state.write(&record("b")).unwrap();
+        state.write(&record("a")).unwrap();
+        let names: Vec<_> = state
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(names, ["a", "b"]);
+        let a = TaskName::parse("a").unwrap();
+        assert_eq!(state.read(&a).unwrap(), Some(record("a")));
+        state.remove(&a).unwrap();
+        assert_eq!(state.read(&a).unwrap(), None);
+    }
+
+    #[test]
+    fn a_claimed_task_cannot_be_claimed_twice() {
+        let home = tempfile::tempdir().unwrap();
+        let state = StateDir::new(home.path(), "r-1");
+        let name = TaskName::parse("t").unwrap();
+        let claim = state
+            .try_claim(&name)
+            .unwrap()
+            .expect("first claim succeeds");
+        assert!(state.try_claim(&name).unwrap().is_none());
+        assert!(state.is_supervised(&name).unwrap());
+        drop(claim);
+        assert!(!state.is_supervised(&name).unwrap());
+    }
+}
