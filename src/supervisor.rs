@@ -220,7 +220,7 @@ pub async fn run(
         }
     }
 
-    let base = request.base.clone().unwrap_or_else(|| "HEAD".into());
+    let base = request.base.clone().unwrap_or_else(|| ws.repo.head_name());
     let base_id = ws.repo.resolve_commit(&base)?;
     let branch = task.branch();
     let existing_tip = ws.repo.branch_tip(&branch)?;

@@ -137,6 +137,16 @@ impl Repo {
         Ok(commit.id)
     }
 
+    /// The branch checked out where discovery started (`main`), or `HEAD` when it is detached: how
+    /// the default base is named to the user.
+    pub fn head_name(&self) -> String {
+        let repo = self.local();
+        match repo.head_name() {
+            Ok(Some(name)) => name.shorten().to_string(),
+            _ => "HEAD".to_owned(),
+        }
+    }
+
     /// The commit a local branch points to, or `None` if there is no such branch.
     pub fn branch_tip(&self, branch: &str) -> Result<Option<gix::ObjectId>, GitError> {
         let repo = self.local();
@@ -266,6 +276,7 @@ mod tests {
         let head = repo.resolve_commit("HEAD").unwrap();
         let first = repo.resolve_commit("HEAD~1").unwrap();
         assert_eq!(repo.branch_tip("main").unwrap(), Some(head));
+        assert_eq!(repo.head_name(), "main");
         assert_eq!(repo.branch_tip("nope").unwrap(), None);
         assert_eq!(repo.commits_ahead(first, head).unwrap(), 1);
         assert_eq!(repo.merge_base(first, head).unwrap(), Some(first));
