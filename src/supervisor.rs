@@ -54,6 +54,24 @@ pub struct RunRequest {
     pub stop_timeout: Duration,
 }
 
+impl RunRequest {
+    /// A request with the defaults `agentbox run` uses: the base's HEAD, the image's command, no
+    /// extra environment or labels, the image's user, teardown at the end, a 10 s grace period.
+    pub fn new(task: TaskName, image: impl Into<String>) -> Self {
+        Self {
+            task,
+            image: image.into(),
+            base: None,
+            command: None,
+            env: Vec::new(),
+            labels: Vec::new(),
+            user: None,
+            keep: false,
+            stop_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 /// Which signal asked the task to stop; it decides agentbox's exit code (130 or 143).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopSignal {
@@ -85,6 +103,11 @@ pub enum StopLevel {
 /// What happens during a run, in order, for the caller to show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunEvent {
+    /// Branch, worktree and container exist; the command has not started yet.
+    Created {
+        container_id: String,
+        worktree: PathBuf,
+    },
     /// The container has started in the worktree.
     Started {
         container_id: String,
@@ -98,6 +121,10 @@ pub enum RunEvent {
     /// The command could not be started at all.
     StartFailed {
         message: String,
+    },
+    /// The command has ended and all its output has been delivered; the teardown starts.
+    Exited {
+        exit_code: i64,
     },
 }
 
@@ -485,6 +512,11 @@ impl Supervised<'_> {
             }
         };
         let pump = tokio::spawn(pump_output(output, log, self.events.clone()));
+        self.emit(RunEvent::Created {
+            container_id: container_id.clone(),
+            worktree: self.record.worktree.clone(),
+        })
+        .await;
 
         self.record.container_id = Some(container_id.clone());
         self.save(TaskState::Running)?;
@@ -532,6 +564,9 @@ impl Supervised<'_> {
         }
 
         self.record.exit_code = exit_code;
+        if let Some(exit_code) = exit_code {
+            self.emit(RunEvent::Exited { exit_code }).await;
+        }
         self.save(TaskState::TearingDown)?;
         let outcome = self.tear_down(&container_id, wait_error).await;
         let (state, result) = match outcome {

@@ -93,8 +93,6 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         .map_err(fail)?;
 
     let request = RunRequest {
-        task,
-        image: args.image,
         base: args.base,
         command: (!args.command.is_empty()).then_some(args.command),
         env,
@@ -102,6 +100,7 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         user,
         keep: args.keep,
         stop_timeout: Duration::from_secs(args.stop_timeout),
+        ..RunRequest::new(task, args.image)
     };
     let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);
     let signals = tokio::spawn(forward_signals(stop_tx));
@@ -167,7 +166,7 @@ async fn print_events(mut events: mpsc::Receiver<RunEvent>) {
             RunEvent::StartFailed { message } => {
                 eprintln!("agentbox: the command could not be started: {message}")
             }
-            RunEvent::Started { .. } => {}
+            RunEvent::Created { .. } | RunEvent::Started { .. } | RunEvent::Exited { .. } => {}
         }
     }
 }
