@@ -5,9 +5,13 @@
 //! The library never prints and never reads the environment: the binary passes in what it needs
 //! (engine address, state home) and renders the events and errors it gets back.
 
+pub mod config;
 pub mod docker;
+pub mod environment;
 pub mod git;
 pub mod manage;
+pub mod ports;
+pub mod sandbox;
 pub mod state;
 pub mod supervisor;
 pub mod task;

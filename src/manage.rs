@@ -42,6 +42,8 @@ pub enum ManageError {
         source: io::Error,
     },
     #[error(transparent)]
+    Ports(#[from] crate::ports::PortError),
+    #[error(transparent)]
     Git(#[from] GitError),
     #[error(transparent)]
     Docker(#[from] DockerError),
@@ -256,7 +258,8 @@ pub async fn remove(
     }
     let mut removal = Removal::default();
     let record = ws.state.read(task)?.unwrap_or(record);
-    let left_behind = record.state.is_active() || record.state == TaskState::Kept;
+    // Only a task that ended normally is known to have left nothing but its branch behind.
+    let left_behind = record.state != TaskState::Exited;
     if left_behind {
         let engine =
             Engine::connect(engine_address)
@@ -273,6 +276,14 @@ pub async fn remove(
             engine.remove(&container.id).await?;
             removal.containers_removed += 1;
         }
+        if let Some(network) = &record.network {
+            engine.remove_network(network).await?;
+        }
+        let owner = crate::ports::Owner {
+            repo_id: ws.repo_id.clone(),
+            task: task.to_string(),
+        };
+        ws.ports.release(&owner)?;
         if record.worktree.is_dir() {
             let cli = ws.repo.cli();
             let identity = ws.repo.identity().unwrap_or_else(Identity::fallback);
@@ -281,7 +292,9 @@ pub async fn remove(
                  Task {task} was removed with `agentbox rm` and left these changes uncommitted; \
                  agentbox committed them so that nothing it wrote is lost."
             );
-            removal.snapshot_commit = cli.snapshot(&record.worktree, &message, &identity).await?;
+            removal.snapshot_commit = cli
+                .snapshot(&record.worktree, &message, &identity, &record.own_files)
+                .await?;
             cli.remove_worktree(&record.worktree).await?;
             removal.worktree_removed = Some(record.worktree.clone());
         }

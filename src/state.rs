@@ -236,6 +236,11 @@ mod tests {
             finished_at: None,
             snapshot_commit: None,
             error: None,
+            ports: Default::default(),
+            env: Vec::new(),
+            services: Vec::new(),
+            network: None,
+            own_files: Vec::new(),
         }
     }
 

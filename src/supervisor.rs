@@ -20,22 +20,33 @@
 //! A failure before the command started rolls back everything this run made (container, worktree, a
 //! branch it created and that still points at the base, the record).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use indexmap::IndexMap;
 use tokio::sync::{mpsc, watch};
 
+use crate::config::{
+    ConfigError, DEFAULT_ENV_FILE_NAME, EnvVar, PortRange, ProjectConfig, ServiceConfig,
+    TemplateContext, relative_inside,
+};
 use crate::docker::{ContainerSpec, DockerError, Engine, Output, StartError};
+use crate::environment::{self, PortMapping};
 use crate::git::{GitError, Identity};
+use crate::ports::{Owner, PortError};
+use crate::sandbox::{Sandbox, SandboxPlan};
 use crate::state::StateError;
 use crate::task::{TaskName, TaskRecord, TaskState};
 use crate::workspace::Workspace;
 
-/// Everything `agentbox run` was asked to do, resolved by the caller.
+/// The image a task runs in unless told otherwise; `images/build-base.sh` builds it.
+pub const DEFAULT_IMAGE: &str = "agentbox/base:bookworm";
+
+/// Everything `agentbox run` was asked to do: `agentbox.toml` and the command line, resolved.
 #[derive(Debug, Clone)]
 pub struct RunRequest {
     pub task: TaskName,
@@ -44,7 +55,14 @@ pub struct RunRequest {
     pub base: Option<String>,
     /// `None` runs the image's default command.
     pub command: Option<Vec<String>>,
-    pub env: Vec<(String, String)>,
+    /// Variables from env files and `--env`, already parsed; they override `env_templates`.
+    pub env: Vec<EnvVar>,
+    /// `[env]` of `agentbox.toml`, expanded once the host ports are known.
+    pub env_templates: IndexMap<String, String>,
+    /// The host's environment, for `${env:NAME}` (values taken from it are secrets).
+    pub host_env: BTreeMap<String, String>,
+    /// Name of the env file written into the worktree.
+    pub env_file_name: String,
     pub labels: Vec<(String, String)>,
     /// `uid:gid` to run as; `None` runs as the image's user.
     pub user: Option<String>,
@@ -52,11 +70,21 @@ pub struct RunRequest {
     pub keep: bool,
     /// How long the command gets between SIGTERM and SIGKILL when it is stopped.
     pub stop_timeout: Duration,
+    /// Paths (relative, checked not to escape) copied from the source checkout into the worktree.
+    pub copy: Vec<PathBuf>,
+    /// Where `copy` paths come from: the checkout agentbox was started in.
+    pub copy_from: Option<PathBuf>,
+    /// Shell commands run in the task's container before its command.
+    pub setup: Vec<String>,
+    /// name -> container port, in the order of `agentbox.toml` (the first one is `PORT`).
+    pub ports: IndexMap<String, u16>,
+    pub port_range: PortRange,
+    pub services: IndexMap<String, ServiceConfig>,
 }
 
 impl RunRequest {
     /// A request with the defaults `agentbox run` uses: the base's HEAD, the image's command, no
-    /// extra environment or labels, the image's user, teardown at the end, a 10 s grace period.
+    /// extra environment, ports or services, the image's user, teardown at the end, a 10 s grace.
     pub fn new(task: TaskName, image: impl Into<String>) -> Self {
         Self {
             task,
@@ -64,10 +92,46 @@ impl RunRequest {
             base: None,
             command: None,
             env: Vec::new(),
+            env_templates: IndexMap::new(),
+            host_env: BTreeMap::new(),
+            env_file_name: DEFAULT_ENV_FILE_NAME.to_owned(),
             labels: Vec::new(),
             user: None,
             keep: false,
             stop_timeout: Duration::from_secs(10),
+            copy: Vec::new(),
+            copy_from: None,
+            setup: Vec::new(),
+            ports: IndexMap::new(),
+            port_range: PortRange::default(),
+            services: IndexMap::new(),
+        }
+    }
+
+    /// A request as `agentbox.toml` describes it, before command-line flags override it.
+    /// `copy_from` is the checkout the `copy` paths are taken from.
+    pub fn from_config(task: TaskName, config: &ProjectConfig, copy_from: Option<&Path>) -> Self {
+        let image = config
+            .image
+            .clone()
+            .unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
+        Self {
+            env_templates: config.env.clone(),
+            env_file_name: config
+                .env_file_name
+                .clone()
+                .unwrap_or_else(|| DEFAULT_ENV_FILE_NAME.to_owned()),
+            copy: config
+                .copy
+                .iter()
+                .map(|p| relative_inside(p).expect("ProjectConfig::parse checked copy paths"))
+                .collect(),
+            copy_from: copy_from.map(Path::to_owned),
+            setup: config.setup.clone(),
+            ports: config.ports.clone(),
+            port_range: config.port_range.unwrap_or_default(),
+            services: config.services.clone(),
+            ..Self::new(task, image)
         }
     }
 }
@@ -103,10 +167,12 @@ pub enum StopLevel {
 /// What happens during a run, in order, for the caller to show.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunEvent {
-    /// Branch, worktree and container exist; the command has not started yet.
+    /// Branch, worktree and containers exist; the command has not started yet.
     Created {
         container_id: String,
         worktree: PathBuf,
+        /// The task's and its services' ports, by name.
+        ports: BTreeMap<String, PortMapping>,
     },
     /// The container has started in the worktree.
     Started {
@@ -200,6 +266,17 @@ pub enum RunError {
         problems: Vec<String>,
         exit_code: Option<i64>,
     },
+    #[error("copy path {} leads outside the repository; agentbox copies only files inside it", path.display())]
+    CopyEscapes { path: PathBuf },
+    #[error(
+        "agentbox.toml asks to copy {} but there is no checkout to copy it from (a bare repository); run agentbox from a worktree",
+        path.display()
+    )]
+    CopyWithoutCheckout { path: PathBuf },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Ports(#[from] PortError),
     #[error(transparent)]
     Git(#[from] GitError),
     #[error(transparent)]
@@ -232,7 +309,8 @@ pub async fn run(
         .state
         .try_claim(&task)?
         .ok_or_else(|| RunError::AlreadyRunning { task: task.clone() })?;
-    if let Some(previous) = ws.state.read(&task)? {
+    let previous = ws.state.read(&task)?;
+    if let Some(previous) = &previous {
         if previous.state.is_active() {
             return Err(RunError::LeftBehind {
                 task,
@@ -242,7 +320,7 @@ pub async fn run(
         if previous.state == TaskState::Kept {
             return Err(RunError::KeptBefore {
                 task,
-                worktree: previous.worktree,
+                worktree: previous.worktree.clone(),
             });
         }
     }
@@ -263,9 +341,35 @@ pub async fn run(
             path: worktree,
         });
     }
-
     let identity = ws.repo.identity().unwrap_or_else(Identity::fallback);
-    let spec = container_spec(ws, &request, &worktree, &identity);
+
+    // Ports are the first thing reserved; from here on every failure releases them.
+    let owner = Owner {
+        repo_id: ws.repo_id.clone(),
+        task: task.to_string(),
+    };
+    let preferred: BTreeMap<String, u16> = previous
+        .iter()
+        .flat_map(|p| p.ports.iter().map(|(name, m)| (name.clone(), m.host)))
+        .collect();
+    let wanted = port_names(&request);
+    let ledger = ws.ports.clone();
+    let range = request.port_range;
+    let reserve_owner = owner.clone();
+    let host_ports = tokio::task::spawn_blocking(move || {
+        ledger.reserve(&reserve_owner, &wanted, range, &preferred)
+    })
+    .await
+    .expect("reserving ports does not panic")?;
+    let planned = plan(ws, &request, &worktree, &identity, &host_ports);
+    let (plan, env) = match planned {
+        Ok(planned) => planned,
+        Err(e) => {
+            let _ = ws.ports.release(&owner);
+            return Err(e.into());
+        }
+    };
+
     let record = TaskRecord {
         name: task.clone(),
         state: TaskState::Creating,
@@ -275,7 +379,7 @@ pub async fn run(
         image: request.image.clone(),
         command: request.command.clone().unwrap_or_default(),
         worktree: worktree.clone(),
-        container_name: spec.name.clone(),
+        container_name: plan.task.name.clone(),
         container_id: None,
         created_branch: existing_tip.is_none(),
         supervisor_pid: std::process::id(),
@@ -284,8 +388,16 @@ pub async fn run(
         finished_at: None,
         snapshot_commit: None,
         error: None,
+        ports: all_port_mappings(&request, &host_ports),
+        env: environment::masked(&env),
+        services: plan.services.iter().map(|s| s.name.clone()).collect(),
+        network: plan.network.clone(),
+        own_files: own_files(&request),
     };
-    ws.state.write(&record)?;
+    if let Err(e) = ws.state.write(&record) {
+        let _ = ws.ports.release(&owner);
+        return Err(e.into());
+    }
 
     let mut run = Supervised {
         ws,
@@ -293,68 +405,160 @@ pub async fn run(
         request,
         record,
         identity,
+        owner,
+        env,
         events,
         stop,
     };
-    match run.create(spec).await {
-        Ok(container_id) => run.supervise(container_id).await,
-        Err(error) => Err(run.roll_back(error).await),
+    match run.create(plan).await {
+        Ok(sandbox) => run.supervise(sandbox).await,
+        Err(failure) => Err(run.roll_back(failure).await),
     }
 }
 
-/// The container for a task: the worktree and the git common dir at their host paths (so the
-/// worktree's absolute `gitdir:` link resolves inside, with any git version), the common dir's
-/// `config` and `hooks/` read-only (a task must not plant anything that later runs on the host).
-fn container_spec(
+/// Paths agentbox itself puts into the worktree; a snapshot never commits them.
+fn own_files(request: &RunRequest) -> Vec<String> {
+    std::iter::once(request.env_file_name.clone())
+        .chain(request.copy.iter().map(|p| p.display().to_string()))
+        .collect()
+}
+
+/// Ledger names of every port the task needs: its own (`web`) and its services' (`db.pg`).
+fn port_names(request: &RunRequest) -> Vec<String> {
+    let own = request.ports.keys().cloned();
+    let services = request
+        .services
+        .iter()
+        .flat_map(|(service, spec)| spec.ports.keys().map(move |p| format!("{service}.{p}")));
+    own.chain(services).collect()
+}
+
+fn all_port_mappings(
+    request: &RunRequest,
+    host_ports: &BTreeMap<String, u16>,
+) -> BTreeMap<String, PortMapping> {
+    let own = request
+        .ports
+        .iter()
+        .map(|(name, port)| (name.clone(), *port));
+    let services = request.services.iter().flat_map(|(service, spec)| {
+        spec.ports
+            .iter()
+            .map(move |(name, port)| (format!("{service}.{name}"), *port))
+    });
+    own.chain(services)
+        .map(|(name, container)| {
+            let host = host_ports[&name];
+            (name, PortMapping { container, host })
+        })
+        .collect()
+}
+
+/// Everything the Docker side will create, and the environment as agentbox may record it.
+fn plan(
     ws: &Workspace,
     request: &RunRequest,
-    worktree: &std::path::Path,
+    worktree: &Path,
     identity: &Identity,
-) -> ContainerSpec {
+    host_ports: &BTreeMap<String, u16>,
+) -> Result<(SandboxPlan, Vec<EnvVar>), ConfigError> {
+    let task = &request.task;
+    let branch = task.branch();
+    let task_ports: IndexMap<String, PortMapping> = request
+        .ports
+        .iter()
+        .map(|(name, container)| {
+            let host = host_ports[name];
+            (
+                name.clone(),
+                PortMapping {
+                    container: *container,
+                    host,
+                },
+            )
+        })
+        .collect();
+    let env = environment::resolve(&environment::EnvSources {
+        task: task.as_str(),
+        branch: &branch,
+        identity,
+        task_ports: &task_ports,
+        host_ports,
+        templates: &request.env_templates,
+        explicit: &request.env,
+        host_env: &request.host_env,
+    })?;
+
     let common = ws.repo.common_dir.display().to_string();
     let wt = worktree.display().to_string();
+    let mut labels: HashMap<String, String> = request.labels.iter().cloned().collect();
+    labels.extend([
+        ("agentbox.task".to_owned(), task.to_string()),
+        ("agentbox.repo".to_owned(), ws.repo_id.clone()),
+        ("agentbox.branch".to_owned(), branch.clone()),
+        ("agentbox.worktree".to_owned(), wt.clone()),
+    ]);
+    let container_name = ws.container_name(task);
+    let network = (!request.services.is_empty()).then(|| container_name.clone());
+
+    let context = TemplateContext {
+        task: task.as_str(),
+        branch: &branch,
+        ports: host_ports,
+        host_env: Some(&request.host_env),
+    };
+    let mut services = Vec::new();
+    for (service, spec) in &request.services {
+        let service_env = environment::resolve_service(service, &spec.env, &context)?;
+        let mut service_labels = labels.clone();
+        service_labels.insert("agentbox.service".to_owned(), service.clone());
+        services.push(ContainerSpec {
+            name: format!("{container_name}-{service}"),
+            image: spec.image.clone(),
+            command: spec.command.as_ref().map(|c| c.argv()),
+            env: environment::docker_env(&service_env),
+            labels: service_labels,
+            ports: spec
+                .ports
+                .iter()
+                .map(|(name, port)| (*port, host_ports[&format!("{service}.{name}")]))
+                .collect(),
+            network: network.clone(),
+            network_aliases: vec![service.clone()],
+            ..ContainerSpec::default()
+        });
+    }
+
+    // The worktree and the git common dir at their host paths, so the worktree's absolute
+    // `gitdir:` link resolves inside with any git version; the common dir's `config` and `hooks/`
+    // read-only, so a task cannot plant anything that later runs on the host.
     let binds = vec![
         format!("{wt}:{wt}"),
         format!("{common}:{common}"),
         format!("{common}/config:{common}/config:ro"),
         format!("{common}/hooks:{common}/hooks:ro"),
     ];
-
-    // Ours first, then the user's: a user's --env overrides any of these.
-    let mut env = BTreeMap::from([
-        ("AGENTBOX_TASK".to_owned(), request.task.to_string()),
-        ("AGENTBOX_BRANCH".to_owned(), request.task.branch()),
-        ("GIT_AUTHOR_NAME".to_owned(), identity.name.clone()),
-        ("GIT_AUTHOR_EMAIL".to_owned(), identity.email.clone()),
-        ("GIT_COMMITTER_NAME".to_owned(), identity.name.clone()),
-        ("GIT_COMMITTER_EMAIL".to_owned(), identity.email.clone()),
-        // The container's uid may own nothing in the image, and git refuses repositories owned by
-        // someone else unless told otherwise.
-        ("GIT_CONFIG_COUNT".to_owned(), "1".to_owned()),
-        ("GIT_CONFIG_KEY_0".to_owned(), "safe.directory".to_owned()),
-        ("GIT_CONFIG_VALUE_0".to_owned(), "*".to_owned()),
-    ]);
-    env.extend(request.env.iter().cloned());
-
-    let mut labels: std::collections::HashMap<String, String> =
-        request.labels.iter().cloned().collect();
-    labels.extend([
-        ("agentbox.task".to_owned(), request.task.to_string()),
-        ("agentbox.repo".to_owned(), ws.repo_id.clone()),
-        ("agentbox.branch".to_owned(), request.task.branch()),
-        ("agentbox.worktree".to_owned(), wt.clone()),
-    ]);
-
-    ContainerSpec {
-        name: ws.container_name(&request.task),
+    let task_spec = ContainerSpec {
+        name: container_name,
         image: request.image.clone(),
         command: request.command.clone(),
-        env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
-        labels,
+        env: environment::docker_env(&env),
+        labels: labels.clone(),
         binds,
         working_dir: wt,
         user: request.user.clone(),
-    }
+        ports: task_ports.values().map(|m| (m.container, m.host)).collect(),
+        network: network.clone(),
+        ..ContainerSpec::default()
+    };
+    let sandbox = SandboxPlan {
+        network,
+        network_labels: labels,
+        services,
+        task: task_spec,
+        setup: request.setup.clone(),
+    };
+    Ok((sandbox, env))
 }
 
 struct Supervised<'a> {
@@ -363,14 +567,17 @@ struct Supervised<'a> {
     request: RunRequest,
     record: TaskRecord,
     identity: Identity,
+    owner: Owner,
+    /// The full environment, secrets included; it is written only to the worktree's env file.
+    env: Vec<EnvVar>,
     events: mpsc::Sender<RunEvent>,
     stop: watch::Receiver<StopLevel>,
 }
 
-/// What of a task exists, for a rollback to undo.
-#[derive(Default)]
-struct Made {
-    container: Option<String>,
+/// A setup step that failed, with what existed at that point for the rollback to undo.
+struct SetupFailure {
+    error: RunError,
+    sandbox: Sandbox,
     worktree: bool,
 }
 
@@ -389,61 +596,102 @@ impl Supervised<'_> {
         let _ = self.events.send(event).await;
     }
 
-    /// Checks out the worktree while the image is checked and the container created.
-    async fn create(&mut self, spec: ContainerSpec) -> Result<String, SetupFailure> {
-        let hooks = self.ws.repo.common_dir.join("hooks");
-        // Docker would create a missing bind source itself, as root; make it ours first.
-        std::fs::create_dir_all(&hooks).map_err(|source| SetupFailure {
+    /// Checks out and fills the worktree while the images are checked, the services started and the
+    /// task's container created.
+    async fn create(&mut self, plan: SandboxPlan) -> Result<Sandbox, SetupFailure> {
+        let io_failure = |action, path: PathBuf, source| SetupFailure {
             error: RunError::Io {
-                action: "create the hooks directory",
-                path: hooks,
+                action,
+                path,
                 source,
             },
-            made: Made::default(),
+            sandbox: Sandbox::default(),
+            worktree: false,
+        };
+        let hooks = self.ws.repo.common_dir.join("hooks");
+        // Docker would create a missing bind source itself, as root; make it ours first.
+        std::fs::create_dir_all(&hooks)
+            .map_err(|e| io_failure("create the hooks directory", hooks, e))?;
+        let exclude =
+            environment::exclude_from_git(&self.ws.repo.common_dir, &self.request.env_file_name);
+        exclude.map_err(|e| {
+            let info = self.ws.repo.common_dir.join("info/exclude");
+            io_failure("add the env file to", info, e)
         })?;
+
         let cli = self.ws.repo.cli();
         let reason = format!("agentbox task {} is running", self.task());
         let create_at = self
             .record
             .created_branch
             .then_some(self.record.base_commit.as_str());
-        let checkout = cli.add_worktree(
-            &self.record.worktree,
-            &self.record.branch,
-            create_at,
-            &reason,
-        );
-        let container = async {
-            self.engine.ensure_image(&spec.image).await?;
-            self.engine.create_container(&spec).await
+        let worktree = self.record.worktree.clone();
+        let env_file = worktree.join(&self.request.env_file_name);
+        let env_vars = &self.env;
+        let request = &self.request;
+        let checkout = async {
+            cli.add_worktree(&worktree, &self.record.branch, create_at, &reason)
+                .await
+                .map_err(|e| (RunError::from(e), false))?;
+            if let Some(source) = &request.copy_from {
+                copy_into(source, &worktree, &request.copy).map_err(|e| (e, true))?;
+            } else if let Some(first) = request.copy.first() {
+                let error = RunError::CopyWithoutCheckout {
+                    path: first.clone(),
+                };
+                return Err((error, true));
+            }
+            // The env file holds secrets: it lives only in the worktree (mode 0600, ignored by
+            // git) for as long as the task does.
+            environment::write_env_file(&env_file, env_vars).map_err(|source| {
+                let error = RunError::Io {
+                    action: "write env file",
+                    path: env_file.clone(),
+                    source,
+                };
+                (error, true)
+            })
         };
-        let (checkout, container) = tokio::join!(checkout, container);
-        let made = Made {
-            container: container.as_ref().ok().cloned(),
-            worktree: checkout.is_ok(),
-        };
-        let error = match (checkout, container) {
-            (Ok(()), Ok(id)) => return Ok(id),
-            (_, Err(e)) => RunError::from(e),
-            (Err(e), Ok(_)) => RunError::from(e),
-        };
-        Err(SetupFailure { error, made })
+        let sandbox = Sandbox::create(self.engine, plan);
+        let (checkout, sandbox) = tokio::join!(checkout, sandbox);
+        match (checkout, sandbox) {
+            (Ok(()), Ok(sandbox)) => Ok(sandbox),
+            (checkout, sandbox) => {
+                let worktree_made = match &checkout {
+                    Ok(()) => true,
+                    Err((_, made)) => *made,
+                };
+                let (docker_error, sandbox) = match sandbox {
+                    Ok(sandbox) => (None, sandbox),
+                    Err((e, sandbox)) => (Some(e), sandbox),
+                };
+                // The engine's error first: it is the one a missing image or a dead engine causes.
+                let error = match (docker_error, checkout) {
+                    (Some(e), _) => RunError::from(e),
+                    (None, Err((e, _))) => e,
+                    (None, Ok(())) => unreachable!("one side failed"),
+                };
+                Err(SetupFailure {
+                    error,
+                    sandbox,
+                    worktree: worktree_made,
+                })
+            }
+        }
     }
 
     /// Undoes a failed setup. Nothing has run in the worktree yet, so there is no work to keep; a
     /// branch this run created is deleted only if it still points at the base.
     async fn roll_back(&mut self, failure: SetupFailure) -> RunError {
-        let SetupFailure { error, made } = failure;
-        let mut problems = Vec::new();
+        let SetupFailure {
+            error,
+            sandbox,
+            worktree,
+        } = failure;
         let cli = self.ws.repo.cli();
-        let container = async {
-            match &made.container {
-                Some(id) => self.engine.remove(id).await.map_err(|e| e.to_string()),
-                None => Ok(()),
-            }
-        };
-        let worktree = async {
-            if made.worktree {
+        let docker = sandbox.remove(self.engine);
+        let git = async {
+            if worktree {
                 cli.remove_worktree(&self.record.worktree)
                     .await
                     .map_err(|e| e.to_string())?;
@@ -456,9 +704,11 @@ impl Supervised<'_> {
             }
             Ok::<_, String>(())
         };
-        let (container, worktree) = tokio::join!(container, worktree);
-        problems.extend(container.err());
-        problems.extend(worktree.err());
+        let (mut problems, git) = tokio::join!(docker, git);
+        problems.extend(git.err());
+        if let Err(e) = self.ws.ports.release(&self.owner) {
+            problems.push(e.to_string());
+        }
         if let Err(e) = self.ws.state.remove(self.task()) {
             problems.push(e.to_string());
         }
@@ -472,49 +722,44 @@ impl Supervised<'_> {
         }
     }
 
-    async fn supervise(mut self, container_id: String) -> Result<RunOutcome, RunError> {
+    async fn supervise(mut self, sandbox: Sandbox) -> Result<RunOutcome, RunError> {
+        let container_id = sandbox
+            .container
+            .clone()
+            .expect("a created sandbox has the task's container");
+        let fail_setup = |error, sandbox| SetupFailure {
+            error,
+            sandbox,
+            worktree: true,
+        };
         let stop_requested = *self.stop.borrow_and_update();
         if let StopLevel::Graceful(signal) | StopLevel::Immediate(signal) = stop_requested {
-            let made = Made {
-                container: Some(container_id),
-                worktree: true,
-            };
             let task = self.task().clone();
             let error = RunError::InterruptedBeforeStart { task, signal };
-            return Err(self.roll_back(SetupFailure { error, made }).await);
+            return Err(self.roll_back(fail_setup(error, sandbox)).await);
         }
 
         let log_path = self.ws.state.log_path(self.task());
         let log = match File::create(&log_path) {
             Ok(log) => log,
             Err(source) => {
-                let made = Made {
-                    container: Some(container_id),
-                    worktree: true,
-                };
                 let error = RunError::Io {
                     action: "create log file",
                     path: log_path,
                     source,
                 };
-                return Err(self.roll_back(SetupFailure { error, made }).await);
+                return Err(self.roll_back(fail_setup(error, sandbox)).await);
             }
         };
         let output = match self.engine.attach(&container_id).await {
             Ok(output) => output,
-            Err(e) => {
-                let made = Made {
-                    container: Some(container_id),
-                    worktree: true,
-                };
-                let error = RunError::from(e);
-                return Err(self.roll_back(SetupFailure { error, made }).await);
-            }
+            Err(e) => return Err(self.roll_back(fail_setup(e.into(), sandbox)).await),
         };
         let pump = tokio::spawn(pump_output(output, log, self.events.clone()));
         self.emit(RunEvent::Created {
             container_id: container_id.clone(),
             worktree: self.record.worktree.clone(),
+            ports: self.record.ports.clone(),
         })
         .await;
 
@@ -539,12 +784,7 @@ impl Supervised<'_> {
             }
             Err(StartError::Engine(e)) => {
                 pump.abort();
-                let made = Made {
-                    container: Some(container_id),
-                    worktree: true,
-                };
-                let error = RunError::from(e);
-                return Err(self.roll_back(SetupFailure { error, made }).await);
+                return Err(self.roll_back(fail_setup(e.into(), sandbox)).await);
             }
         };
 
@@ -568,7 +808,7 @@ impl Supervised<'_> {
             self.emit(RunEvent::Exited { exit_code }).await;
         }
         self.save(TaskState::TearingDown)?;
-        let outcome = self.tear_down(&container_id, wait_error).await;
+        let outcome = self.tear_down(&sandbox, wait_error).await;
         let (state, result) = match outcome {
             Ok(summary) if summary.kept.is_some() => (TaskState::Kept, Ok(summary)),
             Ok(summary) => (TaskState::Exited, Ok(summary)),
@@ -629,23 +869,26 @@ impl Supervised<'_> {
         }
     }
 
-    /// Removes the container while the worktree's leftovers are committed and the worktree removed.
+    /// Removes the containers and the network while the worktree's leftovers are committed and the
+    /// worktree removed; then releases the ports.
     async fn tear_down(
         &mut self,
-        container_id: &str,
+        sandbox: &Sandbox,
         wait_error: Option<String>,
     ) -> Result<RunSummary, RunError> {
         let mut problems: Vec<String> = wait_error.into_iter().collect();
         let mut kept = None;
         if self.request.keep {
-            // Stopped, not removed: the user asked to inspect it.
-            if let Err(e) = self
-                .engine
-                .stop(container_id, self.request.stop_timeout)
-                .await
-            {
-                problems.push(e.to_string());
-            }
+            // Stopped, not removed: the user asked to inspect them.
+            let containers = sandbox.container.iter().chain(&sandbox.services);
+            let grace = self.request.stop_timeout;
+            let stopped =
+                futures::future::join_all(containers.map(|id| self.engine.stop(id, grace))).await;
+            problems.extend(
+                stopped
+                    .into_iter()
+                    .filter_map(|r| r.err().map(|e| e.to_string())),
+            );
             kept = Some(Kept {
                 worktree: self.record.worktree.clone(),
                 container: self.record.container_name.clone(),
@@ -653,21 +896,23 @@ impl Supervised<'_> {
         } else {
             let cli = self.ws.repo.cli();
             let message = snapshot_message(self.task(), self.record.exit_code);
+            let own_files = self.record.own_files.clone();
             let keep_work = async {
                 let snapshot = cli
-                    .snapshot(&self.record.worktree, &message, &self.identity)
+                    .snapshot(&self.record.worktree, &message, &self.identity, &own_files)
                     .await?;
                 cli.remove_worktree(&self.record.worktree).await?;
                 Ok::<_, GitError>(snapshot)
             };
-            let (removed, kept_work) = tokio::join!(self.engine.remove(container_id), keep_work);
-            if let Err(e) = removed {
-                problems.push(e.to_string());
-            }
+            let (removed, kept_work) = tokio::join!(sandbox.remove(self.engine), keep_work);
+            problems.extend(removed);
             match kept_work {
                 Ok(snapshot) => self.record.snapshot_commit = snapshot,
                 Err(e) => problems.push(e.to_string()),
             }
+        }
+        if let Err(e) = self.ws.ports.release(&self.owner) {
+            problems.push(e.to_string());
         }
         if !problems.is_empty() {
             return Err(RunError::Teardown {
@@ -708,9 +953,48 @@ impl Supervised<'_> {
     }
 }
 
-struct SetupFailure {
-    error: RunError,
-    made: Made,
+/// Copies `paths` (relative, already checked not to contain `..`) from the source checkout into the
+/// new worktree. A path that leads outside the checkout through a symlink is refused as well.
+fn copy_into(source_root: &Path, worktree: &Path, paths: &[PathBuf]) -> Result<(), RunError> {
+    let io = |action, path: &Path| {
+        let path = path.to_owned();
+        move |source| RunError::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    let root = source_root
+        .canonicalize()
+        .map_err(io("resolve", source_root))?;
+    for relative in paths {
+        let source = root.join(relative);
+        let resolved = source.canonicalize().map_err(io("copy", &source))?;
+        if !resolved.starts_with(&root) {
+            return Err(RunError::CopyEscapes {
+                path: relative.clone(),
+            });
+        }
+        let target = worktree.join(relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+        }
+        copy_recursively(&resolved, &target).map_err(io("copy", &source))?;
+    }
+    Ok(())
+}
+
+fn copy_recursively(from: &Path, to: &Path) -> std::io::Result<()> {
+    if from.is_dir() {
+        std::fs::create_dir_all(to)?;
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            copy_recursively(&entry.path(), &to.join(entry.file_name()))?;
+        }
+        Ok(())
+    } else {
+        std::fs::copy(from, to).map(drop)
+    }
 }
 
 fn snapshot_message(task: &TaskName, exit_code: Option<i64>) -> String {

@@ -1,10 +1,13 @@
 //! Task names, task records and the states a task moves through.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
+
+use crate::environment::PortMapping;
 
 /// Longest task name accepted: short enough to fit in a container name next to the repo id, a branch
 /// name and a single path component on every filesystem.
@@ -108,6 +111,9 @@ pub enum TaskState {
     Failed,
     /// Ended with `--keep`: the worktree and the stopped container are still there.
     Kept,
+    /// Its supervisor died; `agentbox gc` (or the next `run` of the task) stopped and removed its
+    /// containers, snapshot-committed and removed its worktree. `error` says what happened.
+    Recovered,
 }
 
 impl TaskState {
@@ -129,6 +135,7 @@ impl TaskState {
             Self::Exited => "exited",
             Self::Failed => "failed",
             Self::Kept => "kept",
+            Self::Recovered => "recovered",
         }
     }
 }
@@ -156,8 +163,25 @@ pub struct TaskRecord {
     pub finished_at: Option<SystemTime>,
     /// The snapshot commit that kept uncommitted work, if there was any.
     pub snapshot_commit: Option<String>,
-    /// Why agentbox failed, for a record in the `failed` state.
+    /// Why agentbox failed, for a record in the `failed` state; what happened to its supervisor,
+    /// for one in the `recovered` state.
     pub error: Option<String>,
+    /// The task's ports and its services' (`db.pg`), by name.
+    #[serde(default)]
+    pub ports: BTreeMap<String, PortMapping>,
+    /// The task's environment with secrets (values from the host's environment or env files)
+    /// replaced by `None`: agentbox never stores them.
+    #[serde(default)]
+    pub env: Vec<(String, Option<String>)>,
+    /// The sidecar service containers and the per-task network, by name.
+    #[serde(default)]
+    pub services: Vec<String>,
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Files agentbox itself put into the worktree (the env file, copied files): a snapshot never
+    /// commits them.
+    #[serde(default)]
+    pub own_files: Vec<String>,
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::config::{CONFIG_FILE, ConfigError, ProjectConfig};
 use crate::git::{GitError, Repo};
+use crate::ports::PortLedger;
 use crate::state::{StateDir, repo_id};
 use crate::task::TaskName;
 
@@ -12,31 +14,58 @@ pub struct Workspace {
     pub state: StateDir,
     /// The identifier used in container names, labels and the state dir's path.
     pub repo_id: String,
+    /// The machine-wide ledger of host ports.
+    pub ports: PortLedger,
     worktree_root: PathBuf,
 }
 
 impl Workspace {
-    /// Discovers the repository from `start`. `state_home` is `$XDG_STATE_HOME` (or its default);
-    /// `worktree_root` overrides where task worktrees go.
-    pub fn open(
-        start: &Path,
-        state_home: &Path,
-        worktree_root: Option<&Path>,
-    ) -> Result<Self, GitError> {
+    /// Discovers the repository from `start`. `state_home` is `$XDG_STATE_HOME` (or its default).
+    pub fn open(start: &Path, state_home: &Path) -> Result<Self, GitError> {
         let repo = Repo::discover(start)?;
         let repo_id = repo_id(&repo.name, &repo.common_dir);
         let state = StateDir::new(state_home, &repo_id);
-        let worktree_root = match worktree_root {
-            Some(root) if root.is_absolute() => root.to_owned(),
-            Some(root) => std::path::absolute(root).unwrap_or_else(|_| root.to_owned()),
-            None => default_worktree_root(&repo),
-        };
+        let worktree_root = default_worktree_root(&repo);
         Ok(Self {
             repo,
             state,
             repo_id,
+            ports: PortLedger::new(state_home),
             worktree_root,
         })
+    }
+
+    /// Puts task worktrees under `root`; a relative `root` is taken from `relative_to`.
+    pub fn set_worktree_root(&mut self, root: &Path, relative_to: &Path) {
+        self.worktree_root = lexically_normal(&relative_to.join(root));
+    }
+
+    /// The root the project's relative paths (`worktree_root`, `copy`) start from: the checkout
+    /// agentbox was started in, or the bare repository.
+    pub fn project_root(&self) -> &Path {
+        self.repo.workdir.as_deref().unwrap_or(&self.repo.repo_dir)
+    }
+
+    /// Reads `agentbox.toml` from the checkout agentbox was started in; in a bare repository, from
+    /// the tree of HEAD. No file is an empty configuration.
+    pub fn load_config(&self) -> Result<ProjectConfig, ConfigError> {
+        match &self.repo.workdir {
+            Some(workdir) => ProjectConfig::load(&workdir.join(CONFIG_FILE)),
+            None => {
+                let shown = self.repo.repo_dir.join(format!("HEAD:{CONFIG_FILE}"));
+                let bytes =
+                    self.repo
+                        .read_head_file(CONFIG_FILE)
+                        .map_err(|e| ConfigError::Invalid {
+                            path: shown.clone(),
+                            message: e.to_string(),
+                        })?;
+                match bytes {
+                    None => Ok(ProjectConfig::default()),
+                    Some(bytes) => ProjectConfig::parse(&String::from_utf8_lossy(&bytes), &shown),
+                }
+            }
+        }
     }
 
     /// Where the task's worktree goes: beside the repository, never inside the user's own working
@@ -50,9 +79,38 @@ impl Workspace {
     }
 }
 
+/// Resolves `.` and `..` without touching the filesystem: the worktree path is mounted at the same
+/// path inside containers, where `..` must not appear.
+fn lexically_normal(path: &Path) -> PathBuf {
+    let mut normal = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::ParentDir => {
+                normal.pop();
+            }
+            std::path::Component::CurDir => {}
+            other => normal.push(other),
+        }
+    }
+    normal
+}
+
 /// `<dir containing the repo>/.agentbox-worktrees/<repo name>`: next to a bare `project.git` with its
 /// worktrees, or next to a normal clone, and separate per repository.
 fn default_worktree_root(repo: &Repo) -> PathBuf {
     let parent = repo.repo_dir.parent().unwrap_or(&repo.repo_dir);
     parent.join(".agentbox-worktrees").join(&repo.name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worktree_roots_are_normalised_for_mounting() {
+        assert_eq!(
+            lexically_normal(Path::new("/src/proj/../.agentbox-worktrees/./x")),
+            PathBuf::from("/src/.agentbox-worktrees/x")
+        );
+    }
 }

@@ -15,7 +15,7 @@ pub struct Args {
 
 pub fn logs(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.task, EXIT_ERROR)?;
-    let ws = context.workspace(None).map_err(failed)?;
+    let ws = context.workspace().map_err(failed)?;
     let mut stdout = io::stdout().lock();
     match manage::copy_log(&ws, &task, &mut stdout, args.follow) {
         Ok(()) => Ok(0),

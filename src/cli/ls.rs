@@ -12,7 +12,7 @@ pub struct Args {
 }
 
 pub fn ls(context: &Context, args: Args) -> Result<u8, CommandError> {
-    let ws = context.workspace(None).map_err(failed)?;
+    let ws = context.workspace().map_err(failed)?;
     let tasks = manage::list(&ws).map_err(failed)?;
     let mut out = String::new();
     if args.json {

@@ -50,6 +50,8 @@ pub struct Env {
     docker_host: Option<String>,
     state_home: PathBuf,
     current_dir: PathBuf,
+    /// For `${env:NAME}` templates, bare `--env NAME` and bare names in env files.
+    vars: std::collections::BTreeMap<String, String>,
 }
 
 impl Env {
@@ -63,6 +65,9 @@ impl Env {
             docker_host: non_empty("DOCKER_HOST").and_then(|v| v.into_string().ok()),
             state_home,
             current_dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+            vars: std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+                .collect(),
         }
     }
 }
@@ -139,12 +144,8 @@ impl Context {
         }
     }
 
-    fn workspace(
-        &self,
-        worktree_root: Option<&Path>,
-    ) -> Result<Workspace, agentbox::git::GitError> {
-        let root = worktree_root.map(|r| self.env.current_dir.join(r));
-        Workspace::open(&self.start_dir(), &self.env.state_home, root.as_deref())
+    fn workspace(&self) -> Result<Workspace, agentbox::git::GitError> {
+        Workspace::open(&self.start_dir(), &self.env.state_home)
     }
 }
 

@@ -16,7 +16,7 @@ pub struct Args {
 
 pub async fn rm(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.task, EXIT_ERROR)?;
-    let ws = context.workspace(None).map_err(failed)?;
+    let ws = context.workspace().map_err(failed)?;
     let removal = manage::remove(
         &ws,
         context.env.docker_host.as_deref(),

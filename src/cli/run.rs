@@ -2,15 +2,13 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use agentbox::config::{EnvVar, parse_env_file};
 use agentbox::docker::{Engine, Output};
 use agentbox::supervisor::{self, RunEvent, RunOutcome, RunRequest, StopLevel, StopSignal};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::{mpsc, watch};
 
 use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, task_name};
-
-/// The image a task runs in unless told otherwise; `images/build-base.sh` builds it.
-pub const DEFAULT_IMAGE: &str = "agentbox/base:bookworm";
 
 /// Run a command in a new task: its own branch, worktree and container
 #[derive(Debug, clap::Args)]
@@ -19,22 +17,26 @@ pub struct Args {
     /// agentbox/<task>, the worktree and the container)
     #[arg(allow_hyphen_values = true)]
     task: String,
-    /// Image to run the task in
-    #[arg(long, default_value = DEFAULT_IMAGE)]
-    image: String,
+    /// Image to run the task in [default: `image` of agentbox.toml, or agentbox/base:bookworm]
+    #[arg(long)]
+    image: Option<String>,
     /// Commit, branch or tag to start the task's branch from [default: HEAD]
     #[arg(long, value_name = "REF")]
     base: Option<String>,
     /// Set an environment variable in the container (K=V, or K to pass agentbox's own value)
     #[arg(long = "env", short = 'e', value_name = "K=V")]
     env: Vec<String>,
+    /// Read environment variables from a file (`docker run --env-file` format)
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_files: Vec<PathBuf>,
     /// Add a label to the container
     #[arg(long = "label", value_name = "K=V")]
     labels: Vec<String>,
     /// Leave the worktree and the stopped container for inspection instead of tearing down
     #[arg(long)]
     keep: bool,
-    /// Directory for task worktrees [default: <repo's parent>/.agentbox-worktrees/<repo name>]
+    /// Directory for task worktrees [default: `worktree_root` of agentbox.toml, or
+    /// <repo's parent>/.agentbox-worktrees/<repo name>]
     #[arg(long, value_name = "DIR")]
     worktree_root: Option<PathBuf>,
     /// Run as UID:GID inside the container [default: agentbox's own uid:gid]
@@ -55,24 +57,51 @@ fn fail(error: impl std::fmt::Display) -> CommandError {
 fn key_value(raw: &str, what: &str) -> Result<(String, String), CommandError> {
     match raw.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
-        None if what == "--env" && !raw.is_empty() => match std::env::var(raw) {
-            Ok(value) => Ok((raw.to_owned(), value)),
-            Err(_) => Err(fail(format!(
-                "--env {raw}: {raw} is not set in agentbox's environment; write {raw}=VALUE"
-            ))),
-        },
         _ => Err(fail(format!("{what} {raw:?} must have the form KEY=VALUE"))),
     }
+}
+
+/// `--env K=V` is plain; a bare `--env K` passes agentbox's own value of K, which is a secret.
+fn env_flag(raw: &str, context: &Context) -> Result<EnvVar, CommandError> {
+    if raw.contains('=') {
+        let (key, value) = key_value(raw, "--env")?;
+        return Ok(EnvVar {
+            key,
+            value,
+            secret: false,
+        });
+    }
+    match context.env.vars.get(raw) {
+        Some(value) if !raw.is_empty() => Ok(EnvVar {
+            key: raw.to_owned(),
+            value: value.clone(),
+            secret: true,
+        }),
+        _ => Err(fail(format!(
+            "--env {raw:?}: not set in agentbox's environment; write {raw}=VALUE"
+        ))),
+    }
+}
+
+/// Env files first, `--env` flags last: a flag overrides a file.
+fn explicit_env(context: &Context, args: &Args) -> Result<Vec<EnvVar>, CommandError> {
+    let mut vars = Vec::new();
+    for file in &args.env_files {
+        let path = context.env.current_dir.join(file);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| fail(format!("cannot read env file {}: {e}", path.display())))?;
+        vars.extend(parse_env_file(&text, &path, &context.env.vars).map_err(fail)?);
+    }
+    for raw in &args.env {
+        vars.push(env_flag(raw, context)?);
+    }
+    Ok(vars)
 }
 
 pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
     // Everything is checked before anything is created.
     let task = task_name(&args.task, EXIT_AGENTBOX_FAILED)?;
-    let env = args
-        .env
-        .iter()
-        .map(|raw| key_value(raw, "--env"))
-        .collect::<Result<Vec<_>, _>>()?;
+    let env = explicit_env(context, &args)?;
     let labels = args
         .labels
         .iter()
@@ -85,22 +114,30 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
             rustix::process::getgid().as_raw()
         )
     }));
-    let ws = context
-        .workspace(args.worktree_root.as_deref())
-        .map_err(fail)?;
+    let mut ws = context.workspace().map_err(fail)?;
+    let config = ws.load_config().map_err(fail)?;
+    if let Some(root) = &args.worktree_root {
+        ws.set_worktree_root(root, &context.env.current_dir);
+    } else if let Some(root) = &config.worktree_root {
+        let project_root = ws.project_root().to_owned();
+        ws.set_worktree_root(root, &project_root);
+    }
     let engine = Engine::connect(context.env.docker_host.as_deref())
         .await
         .map_err(fail)?;
 
+    let from_config = RunRequest::from_config(task, &config, ws.repo.workdir.as_deref());
     let request = RunRequest {
+        image: args.image.unwrap_or(from_config.image.clone()),
         base: args.base,
         command: (!args.command.is_empty()).then_some(args.command),
         env,
+        host_env: context.env.vars.clone(),
         labels,
         user,
         keep: args.keep,
         stop_timeout: Duration::from_secs(args.stop_timeout),
-        ..RunRequest::new(task, args.image)
+        ..from_config
     };
     let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);
     let signals = tokio::spawn(forward_signals(stop_tx));
@@ -166,7 +203,16 @@ async fn print_events(mut events: mpsc::Receiver<RunEvent>) {
             RunEvent::StartFailed { message } => {
                 eprintln!("agentbox: the command could not be started: {message}")
             }
-            RunEvent::Created { .. } | RunEvent::Started { .. } | RunEvent::Exited { .. } => {}
+            RunEvent::Created { ports, .. } => {
+                for (name, port) in &ports {
+                    eprintln!(
+                        "agentbox: port {name} ({}) is {}",
+                        port.container,
+                        port.url()
+                    );
+                }
+            }
+            RunEvent::Started { .. } | RunEvent::Exited { .. } => {}
         }
     }
 }

@@ -10,7 +10,7 @@ pub struct Args {
 
 pub async fn stop(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.task, EXIT_ERROR)?;
-    let ws = context.workspace(None).map_err(failed)?;
+    let ws = context.workspace().map_err(failed)?;
     manage::stop(&ws, &task).await.map_err(failed)?;
     eprintln!("agentbox: task {task} stopped and torn down");
     Ok(0)

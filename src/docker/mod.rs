@@ -6,12 +6,18 @@ use std::time::Duration;
 use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{
+    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
+    PortBinding,
+};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
     ListContainersOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
 use futures::{Stream, StreamExt, TryStreamExt};
+
+mod leftovers;
+pub use leftovers::FoundNetwork;
 
 /// The engine address used when the caller names none (`DOCKER_HOST` unset).
 pub const DEFAULT_ADDRESS: &str = "unix:///var/run/docker.sock";
@@ -45,6 +51,8 @@ pub enum DockerError {
         "container name {name} is already in use; remove the container or pick another task name"
     )]
     NameInUse { name: String },
+    #[error("service container {service} could not start: {message}")]
+    ServiceStart { service: String, message: String },
     #[error("{action} {target} failed: {source}")]
     Api {
         action: &'static str,
@@ -91,6 +99,20 @@ pub struct ContainerSpec {
     pub working_dir: String,
     /// `uid:gid`, or `None` for the image's user.
     pub user: Option<String>,
+    /// Replaces the image's entrypoint (a setup wrapper does this).
+    pub entrypoint: Option<Vec<String>>,
+    /// `(container port, host port)` pairs, published on 127.0.0.1 only.
+    pub ports: Vec<(u16, u16)>,
+    /// A network to join instead of the default bridge, with the host names others reach it by.
+    pub network: Option<String>,
+    pub network_aliases: Vec<String>,
+}
+
+/// What an image runs when a container does not say otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageDefaults {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
 }
 
 /// One chunk of a container's output.
@@ -143,12 +165,11 @@ impl Engine {
         &self.address
     }
 
-    /// Makes sure `image` is present, pulling it when a registry can be reached.
-    pub async fn ensure_image(&self, image: &str) -> Result<(), DockerError> {
-        match self.docker.inspect_image(image).await {
-            Ok(_) => return Ok(()),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(DockerError::api("inspecting image", image)(e)),
+    /// Makes sure `image` is present, pulling it when a registry can be reached, and returns what it
+    /// runs by default.
+    pub async fn ensure_image(&self, image: &str) -> Result<ImageDefaults, DockerError> {
+        if let Some(defaults) = self.image_defaults(image).await? {
+            return Ok(defaults);
         }
         let (from_image, tag) = split_tag(image);
         let options = CreateImageOptions {
@@ -163,7 +184,59 @@ impl Engine {
             .map_err(|e| DockerError::ImageMissing {
                 image: image.to_owned(),
                 reason: e.to_string(),
+            })?;
+        self.image_defaults(image)
+            .await?
+            .ok_or_else(|| DockerError::ImageMissing {
+                image: image.to_owned(),
+                reason: "the pull finished but the image is not there".into(),
             })
+    }
+
+    async fn image_defaults(&self, image: &str) -> Result<Option<ImageDefaults>, DockerError> {
+        match self.docker.inspect_image(image).await {
+            Ok(inspect) => {
+                let config = inspect.config.unwrap_or_default();
+                Ok(Some(ImageDefaults {
+                    entrypoint: config.entrypoint.unwrap_or_default(),
+                    cmd: config.cmd.unwrap_or_default(),
+                }))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(DockerError::api("inspecting image", image)(e)),
+        }
+    }
+
+    /// Creates a bridge network for one task and its services.
+    pub async fn create_network(
+        &self,
+        name: &str,
+        labels: &HashMap<String, String>,
+    ) -> Result<(), DockerError> {
+        let request = NetworkCreateRequest {
+            name: name.to_owned(),
+            driver: Some("bridge".into()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(()),
+            Err(BollardError::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Err(DockerError::NameInUse {
+                name: name.to_owned(),
+            }),
+            Err(e) => Err(DockerError::api("creating network", name)(e)),
+        }
+    }
+
+    /// Removes a network; one that is already gone is not an error.
+    pub async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
+        match self.docker.remove_network(name).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(DockerError::api("removing network", name)(e)),
+        }
     }
 
     pub async fn create_container(&self, spec: &ContainerSpec) -> Result<String, DockerError> {
@@ -171,9 +244,33 @@ impl Engine {
             name: Some(spec.name.clone()),
             ..Default::default()
         };
+        let port_key = |container: u16| format!("{container}/tcp");
+        let port_bindings = spec
+            .ports
+            .iter()
+            .map(|(container, host)| {
+                let binding = PortBinding {
+                    host_ip: Some("127.0.0.1".into()),
+                    host_port: Some(host.to_string()),
+                };
+                (port_key(*container), Some(vec![binding]))
+            })
+            .collect();
+        let networking_config = spec.network.as_ref().map(|network| NetworkingConfig {
+            endpoints_config: Some(HashMap::from([(
+                network.clone(),
+                EndpointSettings {
+                    aliases: Some(spec.network_aliases.clone()),
+                    ..Default::default()
+                },
+            )])),
+        });
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             cmd: spec.command.clone(),
+            entrypoint: spec.entrypoint.clone(),
+            exposed_ports: Some(spec.ports.iter().map(|(c, _)| port_key(*c)).collect()),
+            networking_config,
             env: Some(spec.env.clone()),
             labels: Some(spec.labels.clone()),
             working_dir: Some(spec.working_dir.clone()),
@@ -184,6 +281,8 @@ impl Engine {
             open_stdin: Some(false),
             host_config: Some(HostConfig {
                 binds: Some(spec.binds.clone()),
+                port_bindings: Some(port_bindings),
+                network_mode: spec.network.clone(),
                 // An init as PID 1 forwards SIGTERM to the command and reaps its children, so a
                 // graceful stop works even for a shell that would ignore signals as PID 1.
                 init: Some(true),

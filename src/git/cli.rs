@@ -129,22 +129,34 @@ impl GitCli {
     /// Commits everything uncommitted in `worktree` (tracked changes and untracked files, minus what
     /// `.gitignore` excludes) as one commit, with hooks disabled so nothing of the task's runs on the
     /// host. Returns the new commit, or `None` when there was nothing to keep.
+    ///
+    /// `exclude` names paths agentbox itself put in the worktree (the env file, copied files): they
+    /// are never part of a snapshot.
     pub async fn snapshot(
         &self,
         worktree: &Path,
         message: &str,
         identity: &Identity,
+        exclude: &[String],
     ) -> Result<Option<String>, GitError> {
-        let status = self
-            .run_in(
-                worktree,
-                &["status", "--porcelain", "--untracked-files=all"],
-            )
-            .await?;
+        let excludes: Vec<String> = exclude
+            .iter()
+            .map(|path| format!(":(exclude,literal){path}"))
+            .collect();
+        let mut status = vec!["status", "--porcelain", "--untracked-files=all", "--", "."];
+        status.extend(excludes.iter().map(String::as_str));
+        let status = self.run_in(worktree, &status).await?;
         if status.stdout.is_empty() {
             return Ok(None);
         }
         self.run_in(worktree, &["add", "--all"]).await?;
+        if !exclude.is_empty() {
+            // Unstage agentbox's own files again: back to HEAD's version if tracked, out of the
+            // index if not. (`git add` with exclude pathspecs refuses ignored paths.)
+            let mut reset = vec!["reset", "--quiet", "--"];
+            reset.extend(exclude.iter().map(String::as_str));
+            self.run_in(worktree, &reset).await?;
+        }
         let name = format!("user.name={}", identity.name);
         let email = format!("user.email={}", identity.email);
         self.run_in(
@@ -243,5 +255,93 @@ mod tests {
             "error: cannot lock ref 'refs/heads/agentbox/a': Unable to create lock"
         ));
         assert!(!is_lock_contention("fatal: invalid reference: nosuch"));
+    }
+}
+
+/// One entry of `git worktree list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorktreeEntry {
+    pub path: PathBuf,
+    /// The full ref checked out (`refs/heads/agentbox/t`); `None` when detached or bare.
+    pub branch: Option<String>,
+    /// The lock reason (empty when locked without one); `None` when not locked.
+    pub locked: Option<String>,
+    /// Whether git considers the entry stale: its directory is gone.
+    pub prunable: bool,
+}
+
+impl GitCli {
+    /// Every worktree of the repository, the main one first.
+    pub async fn list_worktrees(&self) -> Result<Vec<WorktreeEntry>, GitError> {
+        let out = self.run(&["worktree", "list", "--porcelain", "-z"]).await?;
+        Ok(parse_worktree_list(&out.stdout))
+    }
+
+    /// Drops the metadata of worktrees whose directory is gone: the entries [`list_worktrees`]
+    /// marks `prunable` and not `locked` (the lock is what keeps a live task's entry safe from
+    /// this, wherever it runs).
+    ///
+    /// [`list_worktrees`]: Self::list_worktrees
+    pub async fn prune_worktrees(&self) -> Result<(), GitError> {
+        self.run(&["worktree", "prune"]).await.map(drop)
+    }
+}
+
+/// Parses `git worktree list --porcelain -z`: attributes separated by NUL, entries by an empty one.
+fn parse_worktree_list(raw: &[u8]) -> Vec<WorktreeEntry> {
+    let mut entries = Vec::new();
+    let mut current: Option<WorktreeEntry> = None;
+    for field in raw.split(|&b| b == 0) {
+        let field = String::from_utf8_lossy(field);
+        if field.is_empty() {
+            entries.extend(current.take());
+            continue;
+        }
+        let (key, value) = field.split_once(' ').unwrap_or((&field, ""));
+        match (key, current.as_mut()) {
+            ("worktree", _) => {
+                entries.extend(current.take());
+                current = Some(WorktreeEntry {
+                    path: PathBuf::from(value),
+                    branch: None,
+                    locked: None,
+                    prunable: false,
+                });
+            }
+            ("branch", Some(entry)) => entry.branch = Some(value.to_owned()),
+            ("locked", Some(entry)) => entry.locked = Some(value.to_owned()),
+            ("prunable", Some(entry)) => entry.prunable = true,
+            _ => {}
+        }
+    }
+    entries.extend(current);
+    entries
+}
+
+#[cfg(test)]
+mod worktree_list_tests {
+    use super::*;
+
+    #[test]
+    fn parses_worktree_list_porcelain_z() {
+        let raw = b"worktree /r\0HEAD 1111\0branch refs/heads/main\0\0\
+                    worktree /w/a b\0HEAD 2222\0branch refs/heads/agentbox/a\0\
+                    locked agentbox task a is running\0\0\
+                    worktree /w/gone\0HEAD 3333\0detached\0locked\0\
+                    prunable gitdir file points to non-existent location\0\0";
+        let entries = parse_worktree_list(raw);
+        assert_eq!(entries.len(), 3, "{entries:?}");
+        assert_eq!(entries[0].path, PathBuf::from("/r"));
+        assert_eq!(entries[0].locked, None);
+        assert_eq!(entries[1].path, PathBuf::from("/w/a b"));
+        assert_eq!(entries[1].branch.as_deref(), Some("refs/heads/agentbox/a"));
+        assert_eq!(
+            entries[1].locked.as_deref(),
+            Some("agentbox task a is running")
+        );
+        assert!(!entries[1].prunable);
+        assert_eq!(entries[2].branch, None);
+        assert_eq!(entries[2].locked.as_deref(), Some(""));
+        assert!(entries[2].prunable);
     }
 }

@@ -5,7 +5,7 @@ mod cli;
 
 use std::path::{Path, PathBuf};
 
-pub use cli::GitCli;
+pub use cli::{GitCli, WorktreeEntry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -66,6 +66,9 @@ pub struct Repo {
     pub repo_dir: PathBuf,
     /// The repository's name: its directory name without `.git`.
     pub name: String,
+    /// The checkout agentbox was started in (`None` in a bare repository): the source of files
+    /// copied into new worktrees and of `agentbox.toml`.
+    pub workdir: Option<PathBuf>,
     /// Opened on the worktree that discovery started from, so `HEAD` means that worktree's HEAD.
     gix: gix::ThreadSafeRepository,
 }
@@ -84,6 +87,7 @@ impl Repo {
                 })
         };
         let common_dir = canonical(repo.common_dir())?;
+        let workdir = repo.workdir().map(canonical).transpose()?;
         let repo_dir = if common_dir.file_name().is_some_and(|n| n == ".git") {
             common_dir.parent().unwrap_or(&common_dir).to_owned()
         } else {
@@ -101,6 +105,7 @@ impl Repo {
             common_dir,
             repo_dir,
             name,
+            workdir,
             gix: repo.into_sync(),
         })
     }
@@ -145,6 +150,17 @@ impl Repo {
             Ok(Some(name)) => name.shorten().to_string(),
             _ => "HEAD".to_owned(),
         }
+    }
+
+    /// The contents of `path` in the tree of HEAD, or `None` if there is no such file.
+    pub fn read_head_file(&self, path: &str) -> Result<Option<Vec<u8>>, GitError> {
+        let repo = self.local();
+        let spec = format!("HEAD:{path}");
+        let Ok(id) = repo.rev_parse_single(spec.as_str()) else {
+            return Ok(None);
+        };
+        let object = id.object().map_err(|e| self.read_error(&spec, e))?;
+        Ok(Some(object.detach().data))
     }
 
     /// The commit a local branch points to, or `None` if there is no such branch.
