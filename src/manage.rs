@@ -1,5 +1,6 @@
 //! The commands that look after tasks once they exist: list, logs, diff, stop, remove.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
@@ -70,6 +71,15 @@ pub struct TaskView {
     pub command: Vec<String>,
     pub snapshot_commit: Option<String>,
     pub error: Option<String>,
+    /// The task's ports and its services' (`db.pg`), by name.
+    pub ports: BTreeMap<String, PortView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PortView {
+    pub container: u16,
+    pub host: u16,
+    pub url: String,
 }
 
 fn rfc3339(time: std::time::SystemTime) -> String {
@@ -98,6 +108,18 @@ impl TaskView {
             command: record.command,
             snapshot_commit: record.snapshot_commit,
             error: record.error,
+            ports: record
+                .ports
+                .iter()
+                .map(|(name, port)| {
+                    let view = PortView {
+                        container: port.container,
+                        host: port.host,
+                        url: port.url(),
+                    };
+                    (name.clone(), view)
+                })
+                .collect(),
         }
     }
 }
@@ -120,6 +142,17 @@ fn record(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, ManageError> {
     ws.state
         .read(task)?
         .ok_or_else(|| ManageError::UnknownTask { task: task.clone() })
+}
+
+/// A task's ports, by name.
+pub fn ports(ws: &Workspace, task: &TaskName) -> Result<BTreeMap<String, PortView>, ManageError> {
+    let record = record(ws, task)?;
+    Ok(TaskView::new(record, false).ports)
+}
+
+/// A task's environment as agentbox recorded it: secrets are `None`, agentbox never stored them.
+pub fn env(ws: &Workspace, task: &TaskName) -> Result<Vec<(String, Option<String>)>, ManageError> {
+    Ok(record(ws, task)?.env)
 }
 
 /// Copies the task's log to `out`; with `follow`, keeps copying new output until the task's

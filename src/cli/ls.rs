@@ -21,9 +21,14 @@ pub fn ls(context: &Context, args: Args) -> Result<u8, CommandError> {
             out.push('\n');
         }
     } else {
-        let rows: Vec<[String; 5]> = tasks
+        let rows: Vec<[String; 6]> = tasks
             .iter()
             .map(|t| {
+                let urls: Vec<String> = t
+                    .ports
+                    .iter()
+                    .map(|(name, port)| format!("{name}={}", port.url))
+                    .collect();
                 [
                     t.name.clone(),
                     t.state.clone(),
@@ -32,10 +37,11 @@ pub fn ls(context: &Context, args: Args) -> Result<u8, CommandError> {
                         .map(|c| c.to_string())
                         .unwrap_or_else(|| "-".into()),
                     t.started_at.clone(),
+                    urls.join(" "),
                 ]
             })
             .collect();
-        let header = ["NAME", "STATE", "BRANCH", "EXIT", "STARTED"].map(String::from);
+        let header = ["NAME", "STATE", "BRANCH", "EXIT", "STARTED", "PORTS"].map(String::from);
         let mut widths = header.clone().map(|h| h.len());
         for row in &rows {
             for (width, cell) in widths.iter_mut().zip(row) {

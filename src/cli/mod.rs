@@ -2,8 +2,10 @@
 //! exit codes. Every subcommand lives in a file of its own.
 
 mod diff;
+mod env;
 mod logs;
 mod ls;
+mod ports;
 mod rm;
 mod run;
 mod stop;
@@ -41,6 +43,8 @@ enum Command {
     Ls(ls::Args),
     Logs(logs::Args),
     Diff(diff::Args),
+    Ports(ports::Args),
+    Env(env::Args),
     Stop(stop::Args),
     Rm(rm::Args),
 }
@@ -126,6 +130,8 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
         Command::Ls(args) => ls::ls(&context, args),
         Command::Logs(args) => logs::logs(&context, args),
         Command::Diff(args) => diff::diff(&context, args).await,
+        Command::Ports(args) => ports::ports(&context, args),
+        Command::Env(args) => env::env(&context, args),
         Command::Stop(args) => stop::stop(&context, args).await,
         Command::Rm(args) => rm::rm(&context, args).await,
     }
