@@ -8,6 +8,7 @@
 pub mod config;
 pub mod docker;
 pub mod environment;
+pub mod gc;
 pub mod git;
 pub mod manage;
 pub mod ports;

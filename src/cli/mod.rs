@@ -8,6 +8,7 @@ mod ls;
 mod ports;
 mod rm;
 mod run;
+mod signals;
 mod stop;
 
 use std::ffi::OsString;

@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use agentbox::config::{EnvVar, parse_env_file};
 use agentbox::docker::{Engine, Output};
-use agentbox::supervisor::{self, RunEvent, RunOutcome, RunRequest, StopLevel, StopSignal};
-use tokio::signal::unix::{SignalKind, signal};
+use agentbox::supervisor::{self, RunEvent, RunOutcome, RunRequest, StopLevel};
 use tokio::sync::{mpsc, watch};
 
+use super::signals::forward_signals;
 use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, task_name};
 
 /// Run a command in a new task: its own branch, worktree and container
@@ -154,32 +154,6 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
             Ok(signal.exit_code() as u8)
         }
         Err(e) => Err(fail(e)),
-    }
-}
-
-/// The first SIGINT or SIGTERM asks for a graceful stop; a second one for an immediate kill. The
-/// teardown (and the snapshot) happens either way.
-async fn forward_signals(stop: watch::Sender<StopLevel>) {
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    let mut first = None;
-    loop {
-        let received = tokio::select! {
-            _ = interrupt.recv() => StopSignal::Interrupt,
-            _ = terminate.recv() => StopSignal::Terminate,
-        };
-        let level = match first {
-            None => {
-                first = Some(received);
-                StopLevel::Graceful(received)
-            }
-            Some(first) => StopLevel::Immediate(first),
-        };
-        let _ = stop.send(level);
     }
 }
 
