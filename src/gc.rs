@@ -192,10 +192,8 @@ pub async fn reconcile(
             sink.summary.kept.push(task.clone());
             continue;
         }
-        let one: BTreeMap<TaskName, TaskRecord> = record
-            .iter()
-            .map(|r| (r.name.clone(), r.clone()))
-            .collect();
+        let one: BTreeMap<TaskName, TaskRecord> =
+            record.iter().map(|r| (r.name.clone(), r.clone())).collect();
         let leftovers = inventory(ws, engine, &one, Some(task))
             .await?
             .remove(task)
@@ -290,7 +288,7 @@ async fn inventory(
 ) -> Result<BTreeMap<TaskName, Leftovers>, GcError> {
     let mut labels = vec![format!("{REPO_LABEL}={}", ws.repo_id)];
     labels.extend(only.map(|task| format!("{TASK_LABEL}={task}")));
-    let cli = ws.repo.cli();
+    let cli = ws.git();
     let (containers, networks, worktrees) = tokio::join!(
         engine.find(&labels),
         engine.find_networks(&labels),
@@ -420,7 +418,12 @@ impl Recovery<'_> {
             r.supervisor_pid = std::process::id();
             if let Err(e) = self.ws.state.write(r) {
                 let target = r.state.as_str();
-                sink.step(ActionKind::MarkRecord, Some(task), target, Err(e.to_string()));
+                sink.step(
+                    ActionKind::MarkRecord,
+                    Some(task),
+                    target,
+                    Err(e.to_string()),
+                );
                 return;
             }
         }
@@ -588,7 +591,7 @@ impl Recovery<'_> {
         dry_run: bool,
     ) -> Result<Option<String>, String> {
         let path = &worktree.path;
-        let cli = self.ws.repo.cli();
+        let cli = self.ws.git();
         let remove = || async {
             if dry_run {
                 return Ok(());
@@ -684,7 +687,10 @@ fn release_ports(
     let result = if dry_run {
         Ok(None)
     } else {
-        ledger.release(&owner).map(|()| None).map_err(|e| e.to_string())
+        ledger
+            .release(&owner)
+            .map(|()| None)
+            .map_err(|e| e.to_string())
     };
     sink.step(ActionKind::ReleasePorts, Some(task), target, result)
 }
@@ -696,7 +702,7 @@ async fn prune(
     records: &BTreeMap<TaskName, TaskRecord>,
     sink: &mut Sink<'_>,
 ) -> Result<(), GcError> {
-    let cli = ws.repo.cli();
+    let cli = ws.git();
     let stale: Vec<WorktreeEntry> = cli
         .list_worktrees()
         .await?

@@ -5,6 +5,7 @@
 //! The library never prints and never reads the environment: the binary passes in what it needs
 //! (engine address, state home) and renders the events and errors it gets back.
 
+pub mod batch;
 pub mod config;
 pub mod docker;
 pub mod environment;

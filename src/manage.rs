@@ -125,8 +125,9 @@ impl TaskView {
 }
 
 /// A record in an active state whose supervisor is gone was left by a run that died.
+/// Also a record whose worktree outlived a teardown that did not finish: `agentbox gc` has work left.
 fn is_orphaned(ws: &Workspace, record: &TaskRecord) -> Result<bool, StateError> {
-    Ok(record.state.is_active() && !ws.state.is_supervised(&record.name)?)
+    Ok(crate::gc::is_left_behind(record) && !ws.state.is_supervised(&record.name)?)
 }
 
 pub fn list(ws: &Workspace) -> Result<Vec<TaskView>, ManageError> {
@@ -212,7 +213,7 @@ pub fn copy_log(
 /// The task's changes against its base: the branch once it has ended, the worktree while it runs.
 pub async fn diff(ws: &Workspace, task: &TaskName, stat: bool) -> Result<Vec<u8>, ManageError> {
     let record = record(ws, task)?;
-    let cli = ws.repo.cli();
+    let cli = ws.git();
     let diff = if record.worktree.is_dir() {
         cli.diff(Some(&record.worktree), &record.base_commit, None, stat)
             .await?
@@ -225,7 +226,14 @@ pub async fn diff(ws: &Workspace, task: &TaskName, stat: bool) -> Result<Vec<u8>
 }
 
 /// Asks the task's supervisor to stop it (as SIGTERM would) and waits until its teardown is done.
-pub async fn stop(ws: &Workspace, task: &TaskName) -> Result<(), ManageError> {
+/// With `kill_after`, the command is killed when it has not ended that long after the request,
+/// whatever grace period the task was started with; `engine_address` is used only then.
+pub async fn stop(
+    ws: &Workspace,
+    task: &TaskName,
+    kill_after: Option<Duration>,
+    engine_address: Option<&str>,
+) -> Result<(), ManageError> {
     let record = record(ws, task)?;
     if !ws.state.is_supervised(task)? {
         let state = if record.state.is_active() {
@@ -238,16 +246,34 @@ pub async fn stop(ws: &Workspace, task: &TaskName) -> Result<(), ManageError> {
             state,
         });
     }
-    signal_supervisor(task, record.supervisor_pid)?;
+    signal_supervisor(task, record.supervisor_pid, rustix::process::Signal::TERM)?;
     let state = ws.state.clone();
     let name = task.clone();
-    tokio::task::spawn_blocking(move || state.wait_unsupervised(&name))
+    let mut torn_down = tokio::task::spawn_blocking(move || state.wait_unsupervised(&name));
+    if let Some(grace) = kill_after {
+        tokio::select! {
+            done = &mut torn_down => {
+                return Ok(done.expect("waiting for a lock does not panic")?);
+            }
+            () = tokio::time::sleep(grace) => {
+                if let Some(container) = &record.container_id {
+                    let engine = Engine::connect(engine_address).await?;
+                    engine.kill(container).await?;
+                }
+            }
+        }
+    }
+    torn_down
         .await
         .expect("waiting for a lock does not panic")?;
     Ok(())
 }
 
-fn signal_supervisor(task: &TaskName, pid: u32) -> Result<(), ManageError> {
+fn signal_supervisor(
+    task: &TaskName,
+    pid: u32,
+    signal: rustix::process::Signal,
+) -> Result<(), ManageError> {
     let signal_error = |source| ManageError::Signal {
         task: task.clone(),
         pid,
@@ -257,8 +283,7 @@ fn signal_supervisor(task: &TaskName, pid: u32) -> Result<(), ManageError> {
         .map_err(|_| signal_error(io::Error::from(io::ErrorKind::InvalidInput)))?;
     let pid = rustix::process::Pid::from_raw(raw)
         .ok_or_else(|| signal_error(io::Error::from(io::ErrorKind::InvalidInput)))?;
-    rustix::process::kill_process(pid, rustix::process::Signal::TERM)
-        .map_err(|e| signal_error(e.into()))
+    rustix::process::kill_process(pid, signal).map_err(|e| signal_error(e.into()))
 }
 
 /// What `remove` did.
@@ -287,7 +312,7 @@ pub async fn remove(
         if !force {
             return Err(ManageError::Running { task: task.clone() });
         }
-        stop(ws, task).await?;
+        stop(ws, task, None, None).await?;
     }
     let mut removal = Removal::default();
     let record = ws.state.read(task)?.unwrap_or(record);
@@ -318,7 +343,7 @@ pub async fn remove(
         };
         ws.ports.release(&owner)?;
         if record.worktree.is_dir() {
-            let cli = ws.repo.cli();
+            let cli = ws.git();
             let identity = ws.repo.identity().unwrap_or_else(Identity::fallback);
             let message = format!(
                 "agentbox: snapshot of uncommitted work in task {task}\n\n\
@@ -333,8 +358,43 @@ pub async fn remove(
         }
     }
     if delete_branch && ws.repo.branch_tip(&record.branch)?.is_some() {
-        removal.deleted_branch_tip = Some(ws.repo.cli().delete_branch(&record.branch).await?);
+        removal.deleted_branch_tip = Some(ws.git().delete_branch(&record.branch).await?);
     }
     ws.state.remove(task)?;
     Ok(removal)
+}
+
+/// Blocks until no supervisor holds the task any more (it ended, or died), then returns its record.
+pub async fn wait(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, ManageError> {
+    record(ws, task)?;
+    let state = ws.state.clone();
+    let name = task.clone();
+    tokio::task::spawn_blocking(move || state.wait_unsupervised(&name))
+        .await
+        .expect("waiting for a lock does not panic")?;
+    record(ws, task)
+}
+
+/// Passes a stop signal to the task's supervisor as if it had been sent to its `agentbox run`: the
+/// first one asks for a graceful stop, a second one for a kill; the teardown follows either way.
+pub fn signal(
+    ws: &Workspace,
+    task: &TaskName,
+    signal: crate::supervisor::StopSignal,
+) -> Result<(), ManageError> {
+    record(ws, task)?;
+    if !ws.state.is_supervised(task)? {
+        let state = record(ws, task)?.state.as_str().to_owned();
+        return Err(ManageError::NotRunning {
+            task: task.clone(),
+            state,
+        });
+    }
+    // Read after the lock check, so the pid is the live supervisor's.
+    let record = record(ws, task)?;
+    let signal = match signal {
+        crate::supervisor::StopSignal::Interrupt => rustix::process::Signal::INT,
+        crate::supervisor::StopSignal::Terminate => rustix::process::Signal::TERM,
+    };
+    signal_supervisor(task, record.supervisor_pid, signal)
 }

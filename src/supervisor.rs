@@ -229,10 +229,6 @@ pub enum RunError {
     )]
     AlreadyRunning { task: TaskName },
     #[error(
-        "task {task} was left {state} by a run that died; clean it up with `agentbox rm {task}` (its work is kept on branch agentbox/{task})"
-    )]
-    LeftBehind { task: TaskName, state: &'static str },
-    #[error(
         "task {task} was kept for inspection at {}; remove it with `agentbox rm {task}` before running it again",
         worktree.display()
     )]
@@ -283,6 +279,8 @@ pub enum RunError {
     Docker(#[from] DockerError),
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Recovery(#[from] crate::gc::GcError),
 }
 
 fn rollback_note(rollback: &[String]) -> String {
@@ -311,12 +309,9 @@ pub async fn run(
         .ok_or_else(|| RunError::AlreadyRunning { task: task.clone() })?;
     let previous = ws.state.read(&task)?;
     if let Some(previous) = &previous {
-        if previous.state.is_active() {
-            return Err(RunError::LeftBehind {
-                task,
-                state: previous.state.as_str(),
-            });
-        }
+        // A run that died left the task half-way: finish its teardown (the work goes to the
+        // branch), then continue on the branch.
+        crate::gc::recover_left_behind(ws, engine, previous, &_claim, request.stop_timeout).await?;
         if previous.state == TaskState::Kept {
             return Err(RunError::KeptBefore {
                 task,
@@ -619,7 +614,7 @@ impl Supervised<'_> {
             io_failure("add the env file to", info, e)
         })?;
 
-        let cli = self.ws.repo.cli();
+        let cli = self.ws.git();
         let reason = format!("agentbox task {} is running", self.task());
         let create_at = self
             .record
@@ -688,7 +683,7 @@ impl Supervised<'_> {
             sandbox,
             worktree,
         } = failure;
-        let cli = self.ws.repo.cli();
+        let cli = self.ws.git();
         let docker = sandbox.remove(self.engine);
         let git = async {
             if worktree {
@@ -755,7 +750,8 @@ impl Supervised<'_> {
             Ok(output) => output,
             Err(e) => return Err(self.roll_back(fail_setup(e.into(), sandbox)).await),
         };
-        let pump = tokio::spawn(pump_output(output, log, self.events.clone()));
+        let (started, started_gate) = tokio::sync::oneshot::channel();
+        let pump = tokio::spawn(pump_output(output, log, self.events.clone(), started_gate));
         self.emit(RunEvent::Created {
             container_id: container_id.clone(),
             worktree: self.record.worktree.clone(),
@@ -788,6 +784,8 @@ impl Supervised<'_> {
             }
         };
 
+        // Output reaches the caller only after `Started` (or `StartFailed`), in that order.
+        let _ = started.send(());
         let mut stopped_by = None;
         let mut wait_error = None;
         if exit_code.is_none() {
@@ -894,7 +892,7 @@ impl Supervised<'_> {
                 container: self.record.container_name.clone(),
             });
         } else {
-            let cli = self.ws.repo.cli();
+            let cli = self.ws.git();
             let message = snapshot_message(self.task(), self.record.exit_code);
             let own_files = self.record.own_files.clone();
             let keep_work = async {
@@ -933,8 +931,7 @@ impl Supervised<'_> {
                 let ahead = self.ws.repo.commits_ahead(base, tip)?;
                 let files = self
                     .ws
-                    .repo
-                    .cli()
+                    .git()
                     .changed_files(&self.record.base_commit, &tip.to_string())
                     .await?;
                 (ahead, files)
@@ -1009,13 +1006,16 @@ fn snapshot_message(task: &TaskName, exit_code: Option<i64>) -> String {
     )
 }
 
-/// Copies the container's output into the log file and to the caller, in the order it arrives.
+/// Copies the container's output into the log file and to the caller, in the order it arrives. The
+/// caller gets none of it before `started` fires (or is dropped).
 async fn pump_output(
     output: impl futures::Stream<Item = Result<Output, DockerError>>,
     mut log: File,
     events: mpsc::Sender<RunEvent>,
+    started: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut caller_listening = true;
+    let mut started = Some(started);
     futures::pin_mut!(output);
     while let Some(chunk) = output.next().await {
         let Ok(chunk) = chunk else { break };
@@ -1024,6 +1024,9 @@ async fn pump_output(
         };
         // A full disk must not stop the task; its output still reaches the caller.
         let _ = log.write_all(bytes);
+        if let Some(gate) = started.take() {
+            let _ = gate.await;
+        }
         if caller_listening && events.send(RunEvent::Output(chunk)).await.is_err() {
             caller_listening = false;
         }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{CONFIG_FILE, ConfigError, ProjectConfig};
-use crate::git::{GitError, Repo};
+use crate::git::{GitCli, GitError, Repo};
 use crate::ports::PortLedger;
 use crate::state::{StateDir, repo_id};
 use crate::task::TaskName;
@@ -72,6 +72,14 @@ impl Workspace {
     /// tree (where it would show up as untracked files).
     pub fn worktree_path(&self, task: &TaskName) -> PathBuf {
         self.worktree_root.join(task.as_str())
+    }
+
+    /// The git CLI for this repository, taking turns with every other agentbox process on worktree
+    /// administration.
+    pub fn git(&self) -> GitCli {
+        self.repo
+            .cli()
+            .with_worktree_lock(self.state.root().join("worktrees.lock"))
     }
 
     pub fn container_name(&self, task: &TaskName) -> String {

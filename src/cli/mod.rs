@@ -1,8 +1,12 @@
 //! The command line: parse arguments, call the library, render its results and map its errors to
 //! exit codes. Every subcommand lives in a file of its own.
 
+mod attach;
+mod batch;
+mod detach;
 mod diff;
 mod env;
+mod gc;
 mod logs;
 mod ls;
 mod ports;
@@ -10,6 +14,7 @@ mod rm;
 mod run;
 mod signals;
 mod stop;
+mod wait;
 
 use std::ffi::OsString;
 use std::fmt::Display;
@@ -41,6 +46,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(run::Args),
+    Batch(batch::Args),
     Ls(ls::Args),
     Logs(logs::Args),
     Diff(diff::Args),
@@ -48,6 +54,9 @@ enum Command {
     Env(env::Args),
     Stop(stop::Args),
     Rm(rm::Args),
+    Wait(wait::Args),
+    Attach(attach::Args),
+    Gc(gc::Args),
 }
 
 /// What the CLI takes from its process environment, read once here so the library never does.
@@ -57,6 +66,8 @@ pub struct Env {
     current_dir: PathBuf,
     /// For `${env:NAME}` templates, bare `--env NAME` and bare names in env files.
     vars: std::collections::BTreeMap<String, String>,
+    /// `NO_COLOR` is set (to anything): no colours, whatever the terminal.
+    no_color: bool,
 }
 
 impl Env {
@@ -70,6 +81,7 @@ impl Env {
             docker_host: non_empty("DOCKER_HOST").and_then(|v| v.into_string().ok()),
             state_home,
             current_dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
+            no_color: std::env::var_os("NO_COLOR").is_some(),
             vars: std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
                 .collect(),
@@ -128,6 +140,7 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
     };
     match cli.command {
         Command::Run(args) => run::run(&context, args).await,
+        Command::Batch(args) => batch::batch(&context, args).await,
         Command::Ls(args) => ls::ls(&context, args),
         Command::Logs(args) => logs::logs(&context, args),
         Command::Diff(args) => diff::diff(&context, args).await,
@@ -135,6 +148,9 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
         Command::Env(args) => env::env(&context, args),
         Command::Stop(args) => stop::stop(&context, args).await,
         Command::Rm(args) => rm::rm(&context, args).await,
+        Command::Wait(args) => wait::wait(&context, args).await,
+        Command::Attach(args) => attach::attach(&context, args).await,
+        Command::Gc(args) => gc::gc(&context, args).await,
     }
 }
 
@@ -154,6 +170,27 @@ impl Context {
     fn workspace(&self) -> Result<Workspace, agentbox::git::GitError> {
         Workspace::open(&self.start_dir(), &self.env.state_home)
     }
+}
+
+/// `K=V` of a `--label` or `--env` flag.
+fn key_value(raw: &str, what: &str) -> Result<(String, String), CommandError> {
+    match raw.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(CommandError::new(
+            format!("{what} {raw:?} must have the form KEY=VALUE"),
+            EXIT_AGENTBOX_FAILED,
+        )),
+    }
+}
+
+/// Tasks run as agentbox's own uid:gid, so the worktree never fills with files the user cannot
+/// change.
+fn default_user() -> String {
+    format!(
+        "{}:{}",
+        rustix::process::getuid().as_raw(),
+        rustix::process::getgid().as_raw()
+    )
 }
 
 fn task_name(name: &str, exit_code: u8) -> Result<TaskName, CommandError> {

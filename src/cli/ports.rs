@@ -15,7 +15,10 @@ pub fn ports(context: &Context, args: Args) -> Result<u8, CommandError> {
     let width = ports.keys().map(String::len).max().unwrap_or(0);
     let mut out = String::new();
     for (name, port) in &ports {
-        out.push_str(&format!("{name:<width$}  {:>5} -> {}\n", port.container, port.url));
+        out.push_str(&format!(
+            "{name:<width$}  {:>5} -> {}\n",
+            port.container, port.url
+        ));
     }
     write_stdout(out.as_bytes())?;
     Ok(0)

@@ -7,8 +7,9 @@ use agentbox::docker::{Engine, Output};
 use agentbox::supervisor::{self, RunEvent, RunOutcome, RunRequest, StopLevel};
 use tokio::sync::{mpsc, watch};
 
+use super::detach;
 use super::signals::forward_signals;
-use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, task_name};
+use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, default_user, key_value, task_name};
 
 /// Run a command in a new task: its own branch, worktree and container
 #[derive(Debug, clap::Args)]
@@ -45,6 +46,10 @@ pub struct Args {
     /// Seconds between SIGTERM and SIGKILL when the task is stopped
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     stop_timeout: u64,
+    /// Run in the background: print the task's name once its command runs, and return. `agentbox
+    /// attach`, `logs -f` and `wait` follow it
+    #[arg(short = 'd', long)]
+    detach: bool,
     /// The command to run; the image's default command when omitted
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -52,13 +57,6 @@ pub struct Args {
 
 fn fail(error: impl std::fmt::Display) -> CommandError {
     CommandError::new(error, EXIT_AGENTBOX_FAILED)
-}
-
-fn key_value(raw: &str, what: &str) -> Result<(String, String), CommandError> {
-    match raw.split_once('=') {
-        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
-        _ => Err(fail(format!("{what} {raw:?} must have the form KEY=VALUE"))),
-    }
 }
 
 /// `--env K=V` is plain; a bare `--env K` passes agentbox's own value of K, which is a secret.
@@ -99,6 +97,9 @@ fn explicit_env(context: &Context, args: &Args) -> Result<Vec<EnvVar>, CommandEr
 }
 
 pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
+    if args.detach && !detach::in_background() {
+        return detach::start_in_background(&args.task).await;
+    }
     // Everything is checked before anything is created.
     let task = task_name(&args.task, EXIT_AGENTBOX_FAILED)?;
     let env = explicit_env(context, &args)?;
@@ -107,13 +108,7 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         .iter()
         .map(|raw| key_value(raw, "--label"))
         .collect::<Result<Vec<_>, _>>()?;
-    let user = Some(args.user.unwrap_or_else(|| {
-        format!(
-            "{}:{}",
-            rustix::process::getuid().as_raw(),
-            rustix::process::getgid().as_raw()
-        )
-    }));
+    let user = Some(args.user.unwrap_or_else(default_user));
     let mut ws = context.workspace().map_err(fail)?;
     let config = ws.load_config().map_err(fail)?;
     if let Some(root) = &args.worktree_root {
@@ -142,7 +137,11 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
     let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);
     let signals = tokio::spawn(forward_signals(stop_tx));
     let (events_tx, events_rx) = mpsc::channel(256);
-    let printer = tokio::spawn(print_events(events_rx));
+    let printer = if detach::in_background() {
+        tokio::spawn(detach::report_started(events_rx))
+    } else {
+        tokio::spawn(print_events(events_rx))
+    };
 
     let result = supervisor::run(&ws, &engine, request, events_tx, stop_rx).await;
     let _ = printer.await;

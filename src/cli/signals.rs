@@ -29,4 +29,3 @@ pub async fn forward_signals(stop: watch::Sender<StopLevel>) {
         let _ = stop.send(level);
     }
 }
-

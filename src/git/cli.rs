@@ -29,6 +29,10 @@ const LOCK_RETRIES: u32 = 8;
 #[derive(Debug, Clone)]
 pub struct GitCli {
     repo_dir: PathBuf,
+    /// Held while worktrees are added, removed, listed or pruned: git itself races there (one
+    /// `worktree add` reading another's half-written metadata fails with "failed to read
+    /// .../commondir"), so agentbox's processes take turns.
+    worktree_lock: Option<PathBuf>,
 }
 
 /// Output of a git command that succeeded.
@@ -38,7 +42,42 @@ struct Output {
 
 impl GitCli {
     pub fn new(repo_dir: PathBuf) -> Self {
-        Self { repo_dir }
+        Self {
+            repo_dir,
+            worktree_lock: None,
+        }
+    }
+
+    /// Serialises worktree administration through the lock file at `path` (outside every path a
+    /// container can reach, so no task can hold it).
+    pub fn with_worktree_lock(mut self, path: PathBuf) -> Self {
+        self.worktree_lock = Some(path);
+        self
+    }
+
+    async fn lock_worktrees(&self) -> Result<Option<std::fs::File>, GitError> {
+        let Some(path) = self.worktree_lock.clone() else {
+            return Ok(None);
+        };
+        let shown = path.clone();
+        let lock = tokio::task::spawn_blocking(move || {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)?;
+            file.lock()?;
+            Ok::<_, std::io::Error>(file)
+        })
+        .await
+        .expect("taking a file lock does not panic");
+        lock.map(Some).map_err(|source| GitError::WorktreeLock {
+            path: shown,
+            source,
+        })
     }
 
     fn command(dir: &Path, args: &[&str]) -> Command {
@@ -120,6 +159,7 @@ impl GitCli {
     /// Removes a worktree (locked or not) and its metadata. Only call this after
     /// [`snapshot`](Self::snapshot): whatever is left uncommitted here is gone.
     pub async fn remove_worktree(&self, path: &Path) -> Result<(), GitError> {
+        let _turn = self.lock_worktrees().await?;
         let path = path.to_string_lossy();
         self.run(&["worktree", "remove", "--force", "--force", &path])
             .await
@@ -273,6 +313,7 @@ pub struct WorktreeEntry {
 impl GitCli {
     /// Every worktree of the repository, the main one first.
     pub async fn list_worktrees(&self) -> Result<Vec<WorktreeEntry>, GitError> {
+        let _turn = self.lock_worktrees().await?;
         let out = self.run(&["worktree", "list", "--porcelain", "-z"]).await?;
         Ok(parse_worktree_list(&out.stdout))
     }
@@ -283,6 +324,7 @@ impl GitCli {
     ///
     /// [`list_worktrees`]: Self::list_worktrees
     pub async fn prune_worktrees(&self) -> Result<(), GitError> {
+        let _turn = self.lock_worktrees().await?;
         self.run(&["worktree", "prune"]).await.map(drop)
     }
 }

@@ -34,6 +34,11 @@ pub enum GitError {
         dir: PathBuf,
         stderr: String,
     },
+    #[error("cannot take the worktree lock {}: {source}", path.display())]
+    WorktreeLock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot run git (is it installed and on PATH?): {0}")]
     Spawn(#[source] std::io::Error),
 }
@@ -110,7 +115,8 @@ impl Repo {
         })
     }
 
-    pub fn cli(&self) -> GitCli {
+    /// The git CLI without worktree serialisation; [`Workspace::git`](crate::Workspace::git) adds it.
+    pub(crate) fn cli(&self) -> GitCli {
         GitCli::new(self.repo_dir.clone())
     }
 

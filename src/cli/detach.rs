@@ -1,0 +1,168 @@
+//! `agentbox run -d`: the task runs under a supervisor in the background.
+//!
+//! The CLI starts its own binary again with the same arguments and [`SUPERVISOR_VAR`] set. That
+//! child is the task's supervisor, an ordinary `agentbox run` in every other way. It lives in a
+//! process group of its own (a Ctrl-C at the terminal is not meant for it), with stdin closed, and
+//! ignores SIGHUP, so closing the terminal does not end the task. Its stdout is a pipe to the
+//! parent, on which it writes one line, `started`, once the task's command runs, and nothing else,
+//! ever: the task's output goes only to its log. Its stderr is an unlinked temporary file, so it can
+//! write there for as long as it lives, whether or not anyone reads; when it ends before the task
+//! started, the parent reads that file back and reports the failure with the child's exit code.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::process::Stdio;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use agentbox::supervisor::RunEvent;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use super::{CommandError, EXIT_AGENTBOX_FAILED, write_stdout};
+
+/// Set (to `1`) in the environment of the background supervisor.
+const SUPERVISOR_VAR: &str = "AGENTBOX_DETACHED_SUPERVISOR";
+/// What the background supervisor tells the parent once the task's command runs.
+const STARTED: &str = "started";
+
+fn fail(error: impl std::fmt::Display) -> CommandError {
+    CommandError::new(error, EXIT_AGENTBOX_FAILED)
+}
+
+/// Whether this process is the background supervisor of a detached task.
+pub fn in_background() -> bool {
+    std::env::var_os(SUPERVISOR_VAR).is_some_and(|v| v == "1")
+}
+
+/// Starts this same `agentbox run` again as a background supervisor and returns once the task's
+/// command runs, printing the task's name; or, when the supervisor ends first, with its error and
+/// exit code.
+pub async fn start_in_background(task: &str) -> Result<u8, CommandError> {
+    let exe = std::env::current_exe().map_err(|e| {
+        fail(format!(
+            "cannot find agentbox's own binary to supervise task {task} in the background: {e}"
+        ))
+    })?;
+    let mut errors = unlinked_file()?;
+    let child_errors = errors.try_clone().map_err(|e| {
+        fail(format!(
+            "cannot pass a file to the supervisor of task {task}: {e}"
+        ))
+    })?;
+    let mut child = tokio::process::Command::new(&exe)
+        .args(std::env::args_os().skip(1))
+        .env(SUPERVISOR_VAR, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(child_errors))
+        .process_group(0)
+        // It is meant to outlive this process.
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| {
+            fail(format!(
+                "cannot start {} to supervise task {task} in the background: {e}",
+                exe.display()
+            ))
+        })?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut lines = BufReader::new(stdout).lines();
+    // Until the task runs, a Ctrl-C at the terminal is meant for it; the supervisor, in its own
+    // process group, would not see it otherwise. It then rolls back and exits 130.
+    let (mut interrupt, mut terminate) = (
+        signal(SignalKind::interrupt()).ok(),
+        signal(SignalKind::terminate()).ok(),
+    );
+    let first_line = loop {
+        let received = tokio::select! {
+            line = lines.next_line() => break line,
+            Some(()) = recv(&mut interrupt) => rustix::process::Signal::INT,
+            Some(()) = recv(&mut terminate) => rustix::process::Signal::TERM,
+        };
+        if let Some(pid) = child
+            .id()
+            .and_then(|pid| rustix::process::Pid::from_raw(pid as i32))
+        {
+            let _ = rustix::process::kill_process(pid, received);
+        }
+    };
+    // The first line, or the end of the pipe when the supervisor exits without one.
+    if let Ok(Some(line)) = first_line
+        && line == STARTED
+    {
+        write_stdout(format!("{task}\n").as_bytes())?;
+        eprintln!(
+            "agentbox: task {task} runs in the background; `agentbox attach {task}` follows it, `agentbox wait {task}` waits for its end"
+        );
+        return Ok(0);
+    }
+
+    let status = child.wait().await.map_err(|e| {
+        fail(format!(
+            "cannot learn how the supervisor of task {task} ended: {e}"
+        ))
+    })?;
+    let mut said = Vec::new();
+    let _ = errors.rewind().and_then(|()| errors.read_to_end(&mut said));
+    let mut stderr = io::stderr().lock();
+    let _ = stderr.write_all(&said).and_then(|()| stderr.flush());
+    match (status.code(), status.signal()) {
+        (Some(code), _) => Ok(u8::try_from(code).unwrap_or(EXIT_AGENTBOX_FAILED)),
+        (None, signal) => Err(fail(format!(
+            "the background supervisor of task {task} was killed (signal {}) before the task started",
+            signal.unwrap_or_default()
+        ))),
+    }
+}
+
+/// The next delivery of a signal, or never when it could not be listened for.
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A file nobody else can open: created, then unlinked at once. It disappears with the last
+/// process that holds it.
+fn unlinked_file() -> Result<File, CommandError> {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    let path = std::env::temp_dir().join(format!("agentbox-detach-{}-{nanos}", std::process::id()));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| fail(format!("cannot create {}: {e}", path.display())))?;
+    std::fs::remove_file(&path)
+        .map_err(|e| fail(format!("cannot remove {}: {e}", path.display())))?;
+    Ok(file)
+}
+
+/// The background supervisor's event printer. The task's output goes to its log only; the parent
+/// hears `started` once the command runs; everything else goes to stderr, the parent's to report if
+/// the task never starts.
+pub async fn report_started(mut events: mpsc::Receiver<RunEvent>) {
+    // The terminal the task was started from may close at any time; that must not end the task.
+    // tokio keeps its handler installed for the life of the process, so SIGHUP stays ignored.
+    let _hangup = signal(SignalKind::hangup());
+    while let Some(event) = events.recv().await {
+        match event {
+            RunEvent::Started { .. } => {
+                let mut out = io::stdout().lock();
+                let _ = writeln!(out, "{STARTED}").and_then(|()| out.flush());
+            }
+            RunEvent::StartFailed { message } => {
+                eprintln!("agentbox: the command could not be started: {message}")
+            }
+            _ => {}
+        }
+    }
+}
