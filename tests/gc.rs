@@ -1,0 +1,278 @@
+//! Crash recovery: `agentbox gc` after the supervisor was killed with SIGKILL, and `run` of a task
+//! whose earlier run died.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+
+/// Leaves uncommitted work, says `ready`, then runs until stopped.
+const WIP: &str = "echo wip > wip.txt; echo ready; exec sleep 300";
+
+/// Runs `task` with [`WIP`] and kills its `agentbox run` with SIGKILL once the work is written,
+/// leaving a running container, a worktree with uncommitted work and a record in state `running`.
+fn crash(env: &TestEnv, task: &str) {
+    let mut run = env.spawn(["run", task, "--", "sh", "-c", WIP]);
+    run.wait_for_line("ready");
+    run.signal(Signal::KILL);
+    let out = run.wait();
+    assert_eq!(out.code(), None, "killed by SIGKILL\n{out}");
+}
+
+/// `agentbox gc --json <args>`: its exit code and one JSON value per line of stdout.
+fn gc_json(env: &TestEnv, args: &[&str]) -> (Out, Vec<Value>) {
+    let mut all = vec!["gc", "--json"];
+    all.extend(args);
+    let out = env.output(all);
+    let actions = out
+        .stdout_lines()
+        .iter()
+        .map(|l| {
+            serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("gc --json line is not JSON ({e}): {l}\n{out}"))
+        })
+        .collect();
+    (out, actions)
+}
+
+/// The `action` names of the actions for `task`, in order.
+fn actions_of(actions: &[Value], task: &str) -> Vec<String> {
+    actions
+        .iter()
+        .filter(|a| a["task"] == task)
+        .map(|a| a["action"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[test]
+fn gc_recovers_a_task_whose_supervisor_was_killed_and_leaves_live_tasks_alone() {
+    let env = TestEnv::new("gc-crash");
+    let live_script = format!("echo ready; {}; echo done > done.txt", wait_for_file("go"));
+    let mut live = env.spawn(["run", "live", "--", "sh", "-c", &live_script]);
+    live.wait_for_line("ready");
+
+    crash(&env, "t");
+    let wt = env.worktree_path("t");
+    assert_eq!(env.ls_task("t").expect("ls lists t")["state"], "orphaned");
+    assert_eq!(env.live_containers().len(), 2, "{}", env.container_report());
+    let tip_before = env.rev("agentbox/t");
+
+    // --dry-run says what it would do and changes nothing.
+    let (dry, planned) = gc_json(&env, &["--dry-run"]);
+    dry.expect_code(0);
+    assert_eq!(
+        actions_of(&planned, "t"),
+        [
+            "stop-container",
+            "remove-container",
+            "remove-worktree",
+            "mark-record"
+        ],
+        "{dry}"
+    );
+    assert!(
+        planned
+            .iter()
+            .all(|a| a["dry_run"] == true && a["ok"] == true),
+        "{dry}"
+    );
+    assert!(actions_of(&planned, "live").is_empty(), "{dry}");
+    let worktree_step = planned
+        .iter()
+        .find(|a| a["action"] == "remove-worktree")
+        .unwrap();
+    assert_eq!(worktree_step["target"], wt.to_str().unwrap());
+    let human = env.output(["gc", "--dry-run"]);
+    human.expect_code(0);
+    human.expect_stderr_contains("would stop container");
+    human.expect_stderr_contains("left alone, still running: live");
+    assert_eq!(env.live_containers().len(), 2, "{}", env.container_report());
+    assert!(wt.join("wip.txt").is_file(), "dry run keeps the worktree");
+    assert_eq!(env.rev("agentbox/t"), tip_before, "dry run commits nothing");
+    assert_eq!(env.ls_task("t").unwrap()["state"], "orphaned");
+
+    // The real thing.
+    let (gc, done) = gc_json(&env, &["--stop-timeout", "5"]);
+    gc.expect_code(0);
+    assert_eq!(
+        actions_of(&done, "t"),
+        [
+            "stop-container",
+            "remove-container",
+            "remove-worktree",
+            "mark-record"
+        ],
+        "{gc}"
+    );
+    assert!(actions_of(&done, "live").is_empty(), "{gc}");
+    let snapshot = done
+        .iter()
+        .find(|a| a["action"] == "remove-worktree")
+        .and_then(|a| a["snapshot_commit"].as_str())
+        .unwrap_or_else(|| panic!("remove-worktree names the snapshot commit\n{gc}"))
+        .to_owned();
+    assert_eq!(env.rev("agentbox/t").as_deref(), Some(snapshot.as_str()));
+    env.assert_snapshot_holds("t", "wip.txt", "wip\n");
+    assert!(!wt.exists(), "worktree {} is removed", wt.display());
+    assert!(env.worktree_entry(&wt).is_none(), "{:?}", env.worktrees());
+    let rec = env.ls_task("t").unwrap();
+    assert_eq!(rec["state"], "recovered");
+    assert_eq!(rec["snapshot_commit"], snapshot.as_str());
+    assert!(
+        rec["error"].as_str().is_some_and(|e| e.contains("died")),
+        "the record says what happened: {rec}"
+    );
+
+    // Nothing is left to do, and doing it again changes nothing.
+    let (again, none) = gc_json(&env, &[]);
+    again.expect_code(0);
+    assert!(none.is_empty(), "a second gc does nothing\n{again}");
+    let human = env.output(["gc"]);
+    human.expect_code(0);
+    human.expect_stderr_contains("nothing to clean up");
+    assert_eq!(env.rev("agentbox/t").as_deref(), Some(snapshot.as_str()));
+
+    // The live task was never touched.
+    let live_wt = env.worktree_path("live");
+    assert_eq!(env.live_containers().len(), 1, "{}", env.container_report());
+    assert!(live_wt.join("README.md").is_file());
+    assert_eq!(env.ls_task("live").unwrap()["state"], "running");
+    touch(&live_wt.join("go"));
+    live.wait().expect_code(0);
+    env.assert_snapshot_holds("live", "done.txt", "done\n");
+    env.assert_torn_down("live");
+    assert_eq!(
+        env.worktrees().len(),
+        1,
+        "only the main worktree is left: {:?}",
+        env.worktrees()
+    );
+}
+
+#[test]
+fn run_after_a_crash_recovers_the_task_and_continues_on_its_branch() {
+    let env = TestEnv::new("gc-rerun");
+    let base = env.head();
+    crash(&env, "again");
+    assert_eq!(env.ls_task("again").unwrap()["state"], "orphaned");
+
+    let out = env.output([
+        "run",
+        "again",
+        "--",
+        "sh",
+        "-c",
+        "cat wip.txt; git log -1 --format=%s",
+    ]);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout_lines(),
+        [
+            "wip",
+            "agentbox: snapshot of uncommitted work in task again"
+        ],
+        "the new run continues where the dead one stopped\n{out}"
+    );
+    assert_eq!(
+        env.subjects(&format!("{base}..agentbox/again")),
+        ["agentbox: snapshot of uncommitted work in task again"]
+    );
+    env.assert_torn_down("again");
+    assert_eq!(env.ls_task("again").unwrap()["state"], "exited");
+}
+
+#[test]
+fn gc_keeps_a_worktree_it_cannot_snapshot() {
+    let env = TestEnv::new("gc-damaged");
+    crash(&env, "dmg");
+    let wt = env.worktree_path("dmg");
+    // Without its `.git` link a snapshot would commit to whatever repository encloses the path.
+    std::fs::remove_file(wt.join(".git")).unwrap();
+
+    let gc = env.output(["gc"]);
+    gc.expect_code(1);
+    gc.expect_stderr_contains("damaged");
+    gc.expect_stderr_contains(wt.to_str().unwrap());
+    assert!(wt.join("wip.txt").is_file(), "the work stays on disk");
+    assert_eq!(
+        env.containers(),
+        Vec::<String>::new(),
+        "the container is gone"
+    );
+    assert!(env.branch_exists("agentbox/dmg"), "the branch stays");
+    assert_eq!(
+        env.ls_task("dmg").unwrap()["state"],
+        "orphaned",
+        "the task still needs attention"
+    );
+}
+
+#[test]
+fn gc_removes_services_and_network_and_releases_ports_of_a_dead_task() {
+    ensure_tools_image();
+    let env = TestEnv::new("gc-services");
+    env.write_config(&format!(
+        "image = \"{TOOLS_IMAGE}\"\nport_range = \"30300-30309\"\n[ports]\nweb = 8000\n\
+         [services.db]\nimage = \"{TOOLS_IMAGE}\"\ncommand = \"exec busybox sleep 300\"\n"
+    ));
+    crash(&env, "svc");
+    assert_eq!(env.networks().len(), 1, "the task's network exists");
+    assert_eq!(env.port_ledger().len(), 1, "{:?}", env.port_ledger());
+
+    let (gc, done) = gc_json(&env, &["--stop-timeout", "5"]);
+    gc.expect_code(0);
+    let steps = actions_of(&done, "svc");
+    for step in [
+        "stop-container",
+        "remove-container",
+        "remove-network",
+        "remove-worktree",
+        "release-ports",
+        "mark-record",
+    ] {
+        assert!(steps.iter().any(|s| s == step), "{step} missing\n{gc}");
+    }
+    assert_eq!(
+        steps.iter().filter(|s| *s == "remove-container").count(),
+        2,
+        "the task's and the service's container\n{gc}"
+    );
+    assert_eq!(
+        env.containers(),
+        Vec::<String>::new(),
+        "{}",
+        env.container_report()
+    );
+    assert_eq!(
+        env.networks(),
+        Vec::<String>::new(),
+        "the network is removed"
+    );
+    assert!(env.port_ledger().is_empty(), "{:?}", env.port_ledger());
+    env.assert_snapshot_holds("svc", "wip.txt", "wip\n");
+    env.assert_torn_down("svc");
+}
+
+#[test]
+fn task_whose_container_is_gone_but_worktree_left_is_orphaned_and_recovered() {
+    let env = TestEnv::new("gc-no-container");
+    crash(&env, "wt");
+    let removed = std::process::Command::new("docker")
+        .args(["rm", "-f"])
+        .args(env.containers())
+        .output()
+        .unwrap();
+    assert!(removed.status.success());
+    assert_eq!(env.ls_task("wt").unwrap()["state"], "orphaned");
+
+    let (gc, done) = gc_json(&env, &[]);
+    gc.expect_code(0);
+    assert_eq!(
+        actions_of(&done, "wt"),
+        ["remove-worktree", "mark-record"],
+        "{gc}"
+    );
+    env.assert_snapshot_holds("wt", "wip.txt", "wip\n");
+    env.assert_torn_down("wt");
+    assert_eq!(env.ls_task("wt").unwrap()["state"], "recovered");
+}
