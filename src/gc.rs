@@ -148,6 +148,18 @@ pub fn is_left_behind(record: &TaskRecord) -> bool {
     record.state != TaskState::Kept && (record.state.is_active() || record.worktree.is_dir())
 }
 
+/// Whether any task of the repository was left behind by a dead supervisor. Reads only the records
+/// and their locks (no engine, no git), so `run` and `batch` can ask it every time and call
+/// [`reconcile`] only when there is something to do.
+pub fn anything_left_behind(ws: &Workspace) -> Result<bool, GcError> {
+    for record in ws.state.list()? {
+        if is_left_behind(&record) && !ws.state.is_supervised(&record.name)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Cleans up after every task of the repository whose supervisor is gone (see the module
 /// documentation), calling `report` with each step as it is taken. Failed steps are reported, not
 /// returned: an error means the leftovers could not even be listed.

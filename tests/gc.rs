@@ -276,3 +276,29 @@ fn task_whose_container_is_gone_but_worktree_left_is_orphaned_and_recovered() {
     env.assert_torn_down("wt");
     assert_eq!(env.ls_task("wt").unwrap()["state"], "recovered");
 }
+
+#[test]
+fn run_of_another_task_cleans_up_a_crashed_one_first() {
+    let env = TestEnv::new("gc-implicit");
+    crash(&env, "dead");
+    assert_eq!(
+        env.ls_task("dead").expect("ls lists dead")["state"],
+        "orphaned"
+    );
+
+    let out = env.output(["run", "other", "--", "true"]);
+    out.expect_code(0);
+    out.expect_stderr_contains("agentbox: recovered: task dead: removed container");
+    assert_eq!(
+        env.ls_task("dead").expect("ls lists dead")["state"],
+        "recovered"
+    );
+    env.assert_snapshot_holds("dead", "wip.txt", "wip\n");
+    env.assert_torn_down("dead");
+    env.assert_torn_down("other");
+
+    // Nothing left behind: the next run does no recovery at all.
+    let quiet = env.output(["run", "third", "--", "true"]);
+    quiet.expect_code(0);
+    assert!(!quiet.stderr.contains("recovered"), "{quiet}");
+}

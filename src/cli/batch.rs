@@ -64,6 +64,7 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
     let engine = Engine::connect(context.env.docker_host.as_deref())
         .await
         .map_err(fail)?;
+    super::gc::recover_left_behind(&ws, &engine).await;
     let requests: Vec<RunRequest> = tasks
         .iter()
         .map(|task| {

@@ -82,7 +82,7 @@ fn join(tasks: &[agentbox::TaskName]) -> String {
 }
 
 /// One human line for a step that went well (or would be taken, with --dry-run).
-fn describe(action: &GcAction) -> String {
+pub(super) fn describe(action: &GcAction) -> String {
     let target = &action.target;
     let (done, planned) = match action.action {
         ActionKind::StopContainer => ("stopped", "would stop"),
@@ -117,5 +117,30 @@ fn describe(action: &GcAction) -> String {
     match &action.task {
         Some(task) => format!("task {task}: {line}"),
         None => line,
+    }
+}
+
+/// The cheap gc that `run` and `batch` do first: only when a record shows a task left behind by a
+/// dead supervisor does it reconcile. Its failures are reported, never fatal: the run itself does
+/// not depend on them.
+pub(super) async fn recover_left_behind(ws: &agentbox::Workspace, engine: &Engine) {
+    match gc::anything_left_behind(ws) {
+        Ok(false) => return,
+        Ok(true) => {}
+        Err(e) => {
+            eprintln!("agentbox: warning: cannot look for tasks left behind: {e}");
+            return;
+        }
+    }
+    let options = GcOptions {
+        dry_run: false,
+        stop_timeout: Duration::from_secs(10),
+    };
+    let mut report = |action: &GcAction| match &action.error {
+        None => eprintln!("agentbox: recovered: {}", describe(action)),
+        Some(error) => eprintln!("agentbox: warning: {error}"),
+    };
+    if let Err(e) = gc::reconcile(ws, engine, &options, &mut report).await {
+        eprintln!("agentbox: warning: cleaning up tasks left behind failed: {e}");
     }
 }

@@ -121,6 +121,8 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         .await
         .map_err(fail)?;
 
+    super::gc::recover_left_behind(&ws, &engine).await;
+
     let from_config = RunRequest::from_config(task, &config, ws.repo.workdir.as_deref());
     let request = RunRequest {
         image: args.image.unwrap_or(from_config.image.clone()),
