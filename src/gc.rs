@@ -241,20 +241,6 @@ pub async fn recover_left_behind(
     if !is_left_behind(record) {
         return Ok(None);
     }
-    let task = &record.name;
-    let one = BTreeMap::from([(task.clone(), record.clone())]);
-    let leftovers = inventory(ws, engine, &one, Some(task))
-        .await?
-        .remove(task)
-        .unwrap_or_default();
-    let mut actions = Vec::new();
-    let mut collect = |action: &GcAction| actions.push(action.clone());
-    let mut sink = Sink {
-        report: &mut collect,
-        dry_run: false,
-        summary: GcSummary::default(),
-        problems: Vec::new(),
-    };
     let recovery = Recovery {
         ws,
         engine,
@@ -263,18 +249,27 @@ pub async fn recover_left_behind(
         by: "agentbox run",
         _claim: claim,
     };
-    recovery
-        .run(task, Some(record.clone()), leftovers, &mut sink)
-        .await;
-    let problems = sink.problems;
-    if problems.is_empty() {
-        Ok(Some(actions))
-    } else {
-        Err(GcError::Incomplete {
-            task: task.clone(),
-            problems,
-        })
-    }
+    recovery.one(record).await.map(Some)
+}
+
+/// Cleans up whatever a task left besides its branch — kept with `--keep`, or left behind by a
+/// dead supervisor — before `agentbox rm` forgets it: the same steps as gc, ports released too.
+pub async fn clean_up_for_removal(
+    ws: &Workspace,
+    engine: &Engine,
+    record: &TaskRecord,
+    claim: &TaskClaim,
+    stop_timeout: Duration,
+) -> Result<Vec<GcAction>, GcError> {
+    let recovery = Recovery {
+        ws,
+        engine,
+        ports: Some(&ws.ports),
+        stop_timeout,
+        by: "agentbox rm",
+        _claim: claim,
+    };
+    recovery.one(record).await
 }
 
 /// What of one task exists outside its record.
@@ -414,6 +409,36 @@ struct Recovery<'a> {
 }
 
 impl Recovery<'_> {
+    /// Recovers the one task of `record`, returning the steps taken, or the problems when a step
+    /// failed.
+    async fn one(&self, record: &TaskRecord) -> Result<Vec<GcAction>, GcError> {
+        let task = &record.name;
+        let one = BTreeMap::from([(task.clone(), record.clone())]);
+        let leftovers = inventory(self.ws, self.engine, &one, Some(task))
+            .await?
+            .remove(task)
+            .unwrap_or_default();
+        let mut actions = Vec::new();
+        let mut collect = |action: &GcAction| actions.push(action.clone());
+        let mut sink = Sink {
+            report: &mut collect,
+            dry_run: false,
+            summary: GcSummary::default(),
+            problems: Vec::new(),
+        };
+        self.run(task, Some(record.clone()), leftovers, &mut sink)
+            .await;
+        let problems = sink.problems;
+        if problems.is_empty() {
+            Ok(actions)
+        } else {
+            Err(GcError::Incomplete {
+                task: task.clone(),
+                problems,
+            })
+        }
+    }
+
     async fn run(
         &self,
         task: &TaskName,

@@ -9,10 +9,15 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::docker::{DockerError, Engine};
-use crate::git::{GitError, Identity};
+use crate::gc::{self, GcAction};
+use crate::git::GitError;
 use crate::state::StateError;
 use crate::task::{TaskName, TaskRecord, TaskState};
 use crate::workspace::Workspace;
+
+/// A container still running when its task is removed (the task was left behind) gets this long
+/// between SIGTERM and SIGKILL.
+const REMOVAL_GRACE: Duration = Duration::from_secs(10);
 
 /// How often `logs --follow` looks for new output while the task runs.
 const FOLLOW_INTERVAL: Duration = Duration::from_millis(100);
@@ -43,7 +48,7 @@ pub enum ManageError {
         source: io::Error,
     },
     #[error(transparent)]
-    Ports(#[from] crate::ports::PortError),
+    Recovery(#[from] gc::GcError),
     #[error(transparent)]
     Git(#[from] GitError),
     #[error(transparent)]
@@ -289,17 +294,16 @@ fn signal_supervisor(
 /// What `remove` did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Removal {
-    pub containers_removed: usize,
-    pub worktree_removed: Option<PathBuf>,
-    pub snapshot_commit: Option<String>,
+    /// The clean-up steps for a task that had left more than its branch behind.
+    pub cleaned_up: Vec<GcAction>,
     /// The commit the deleted branch pointed to, so it can be recovered.
     pub deleted_branch_tip: Option<String>,
 }
 
-/// Forgets a task. `engine_address` is used only when a left-behind task needs cleaning up. A task
-/// left behind (kept, or orphaned by a dead supervisor) is cleaned up first:
-/// its containers removed, its uncommitted work snapshot-committed, its worktree removed. The branch
-/// stays unless `delete_branch`.
+/// Forgets a task. `engine_address` is used only when the task left more than its branch behind
+/// (kept with `--keep`, or orphaned by a dead supervisor): that is cleaned up first, as gc would —
+/// containers removed, uncommitted work snapshot-committed, worktree removed, ports released. The
+/// branch stays unless `delete_branch`.
 pub async fn remove(
     ws: &Workspace,
     engine_address: Option<&str>,
@@ -307,18 +311,22 @@ pub async fn remove(
     delete_branch: bool,
     force: bool,
 ) -> Result<Removal, ManageError> {
-    let record = record(ws, task)?;
+    record(ws, task)?;
     if ws.state.is_supervised(task)? {
         if !force {
             return Err(ManageError::Running { task: task.clone() });
         }
         stop(ws, task, None, None).await?;
     }
+    // Held until the record is gone, so no run of the task can start in between.
+    let claim = ws
+        .state
+        .try_claim(task)?
+        .ok_or_else(|| ManageError::Running { task: task.clone() })?;
+    let record = record(ws, task)?;
     let mut removal = Removal::default();
-    let record = ws.state.read(task)?.unwrap_or(record);
     // Only a task that ended normally is known to have left nothing but its branch behind.
-    let left_behind = record.state != TaskState::Exited;
-    if left_behind {
+    if record.state != TaskState::Exited {
         let engine =
             Engine::connect(engine_address)
                 .await
@@ -326,36 +334,8 @@ pub async fn remove(
                     task: task.clone(),
                     source: Box::new(e),
                 })?;
-        let labels = [
-            format!("agentbox.repo={}", ws.repo_id),
-            format!("agentbox.task={task}"),
-        ];
-        for container in engine.find(&labels).await? {
-            engine.remove(&container.id).await?;
-            removal.containers_removed += 1;
-        }
-        if let Some(network) = &record.network {
-            engine.remove_network(network).await?;
-        }
-        let owner = crate::ports::Owner {
-            repo_id: ws.repo_id.clone(),
-            task: task.to_string(),
-        };
-        ws.ports.release(&owner)?;
-        if record.worktree.is_dir() {
-            let cli = ws.git();
-            let identity = ws.repo.identity().unwrap_or_else(Identity::fallback);
-            let message = format!(
-                "agentbox: snapshot of uncommitted work in task {task}\n\n\
-                 Task {task} was removed with `agentbox rm` and left these changes uncommitted; \
-                 agentbox committed them so that nothing it wrote is lost."
-            );
-            removal.snapshot_commit = cli
-                .snapshot(&record.worktree, &message, &identity, &record.own_files)
-                .await?;
-            cli.remove_worktree(&record.worktree).await?;
-            removal.worktree_removed = Some(record.worktree.clone());
-        }
+        removal.cleaned_up =
+            gc::clean_up_for_removal(ws, &engine, &record, &claim, REMOVAL_GRACE).await?;
     }
     if delete_branch && ws.repo.branch_tip(&record.branch)?.is_some() {
         removal.deleted_branch_tip = Some(ws.git().delete_branch(&record.branch).await?);

@@ -1,5 +1,6 @@
 use agentbox::manage;
 
+use super::gc::describe;
 use super::{CommandError, Context, EXIT_ERROR, failed, task_name};
 
 /// Forget a finished task; its branch stays unless --delete-branch
@@ -26,17 +27,8 @@ pub async fn rm(context: &Context, args: Args) -> Result<u8, CommandError> {
     )
     .await
     .map_err(failed)?;
-    if let Some(commit) = &removal.snapshot_commit {
-        eprintln!("agentbox: snapshot commit {commit} keeps uncommitted work of task {task}");
-    }
-    if let Some(worktree) = &removal.worktree_removed {
-        eprintln!("agentbox: removed worktree {}", worktree.display());
-    }
-    if removal.containers_removed > 0 {
-        eprintln!(
-            "agentbox: removed {} container(s)",
-            removal.containers_removed
-        );
+    for step in &removal.cleaned_up {
+        eprintln!("agentbox: {}", describe(step));
     }
     if let Some(tip) = &removal.deleted_branch_tip {
         eprintln!(
