@@ -3,13 +3,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentbox::batch::{self, BatchEvent, Stream, TaskResult, Timed};
-use agentbox::docker::Engine;
 use agentbox::supervisor::{RunRequest, StopLevel};
 use anstyle::{AnsiColor, Style};
 use tokio::sync::{mpsc, watch};
 
 use super::signals::forward_signals;
-use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, default_user, key_value};
+use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, default_user, labels};
 
 /// Run the tasks of a task file in parallel, their output multiplexed
 #[derive(Debug, clap::Args)]
@@ -49,22 +48,8 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
         })
     })?;
     let tasks = batch::parse_task_file(&text, &path).map_err(fail)?;
-    let labels = args
-        .labels
-        .iter()
-        .map(|raw| key_value(raw, "--label"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let ws = context.workspace().map_err(fail)?;
-    let config = ws.load_config().map_err(fail)?;
-    let mut ws = ws;
-    if let Some(root) = &config.worktree_root {
-        let project_root = ws.project_root().to_owned();
-        ws.set_worktree_root(root, &project_root);
-    }
-    let engine = Engine::connect(context.env.docker_host.as_deref())
-        .await
-        .map_err(fail)?;
-    super::gc::recover_left_behind(&ws, &engine).await;
+    let labels = labels(&args.labels)?;
+    let (ws, config, engine) = context.prepare_runs(None).await?;
     let requests: Vec<RunRequest> = tasks
         .iter()
         .map(|task| {

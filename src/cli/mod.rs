@@ -22,6 +22,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use agentbox::Workspace;
+use agentbox::config::ProjectConfig;
+use agentbox::docker::Engine;
 use agentbox::task::TaskName;
 use clap::{Parser, Subcommand};
 
@@ -170,6 +172,36 @@ impl Context {
     fn workspace(&self) -> Result<Workspace, agentbox::git::GitError> {
         Workspace::open(&self.start_dir(), &self.env.state_home)
     }
+
+    /// What `run` and `batch` do before any task starts: open the repository with its
+    /// `agentbox.toml` applied (a `--worktree-root` flag wins over the file), connect to the engine,
+    /// and clean up after tasks that dead supervisors left behind. Fails with exit code 125.
+    async fn prepare_runs(
+        &self,
+        worktree_root: Option<&Path>,
+    ) -> Result<(Workspace, ProjectConfig, Engine), CommandError> {
+        let fail = |e: &dyn Display| CommandError::new(e, EXIT_AGENTBOX_FAILED);
+        let mut ws = self.workspace().map_err(|e| fail(&e))?;
+        let config = ws.load_config().map_err(|e| fail(&e))?;
+        if let Some(root) = worktree_root {
+            ws.set_worktree_root(root, &self.env.current_dir);
+        } else if let Some(root) = &config.worktree_root {
+            let project_root = ws.project_root().to_owned();
+            ws.set_worktree_root(root, &project_root);
+        }
+        let engine = Engine::connect(self.env.docker_host.as_deref())
+            .await
+            .map_err(|e| fail(&e))?;
+        gc::recover_left_behind(&ws, &engine).await;
+        Ok((ws, config, engine))
+    }
+}
+
+/// The `--label K=V` flags.
+fn labels(raw: &[String]) -> Result<Vec<(String, String)>, CommandError> {
+    raw.iter()
+        .map(|label| key_value(label, "--label"))
+        .collect()
 }
 
 /// `K=V` of a `--label` or `--env` flag.

@@ -3,13 +3,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentbox::config::{EnvVar, parse_env_file};
-use agentbox::docker::{Engine, Output};
+use agentbox::docker::Output;
 use agentbox::supervisor::{self, RunEvent, RunOutcome, RunRequest, StopLevel};
 use tokio::sync::{mpsc, watch};
 
 use super::detach;
 use super::signals::forward_signals;
-use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, default_user, key_value, task_name};
+use super::{
+    CommandError, Context, EXIT_AGENTBOX_FAILED, default_user, key_value, labels, task_name,
+};
 
 /// Run a command in a new task: its own branch, worktree and container
 #[derive(Debug, clap::Args)]
@@ -103,25 +105,9 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
     // Everything is checked before anything is created.
     let task = task_name(&args.task, EXIT_AGENTBOX_FAILED)?;
     let env = explicit_env(context, &args)?;
-    let labels = args
-        .labels
-        .iter()
-        .map(|raw| key_value(raw, "--label"))
-        .collect::<Result<Vec<_>, _>>()?;
+    let labels = labels(&args.labels)?;
     let user = Some(args.user.unwrap_or_else(default_user));
-    let mut ws = context.workspace().map_err(fail)?;
-    let config = ws.load_config().map_err(fail)?;
-    if let Some(root) = &args.worktree_root {
-        ws.set_worktree_root(root, &context.env.current_dir);
-    } else if let Some(root) = &config.worktree_root {
-        let project_root = ws.project_root().to_owned();
-        ws.set_worktree_root(root, &project_root);
-    }
-    let engine = Engine::connect(context.env.docker_host.as_deref())
-        .await
-        .map_err(fail)?;
-
-    super::gc::recover_left_behind(&ws, &engine).await;
+    let (ws, config, engine) = context.prepare_runs(args.worktree_root.as_deref()).await?;
 
     let from_config = RunRequest::from_config(task, &config, ws.repo.workdir.as_deref());
     let request = RunRequest {
