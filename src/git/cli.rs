@@ -140,6 +140,7 @@ impl GitCli {
         create_at: Option<&str>,
         lock_reason: &str,
     ) -> Result<(), GitError> {
+        let _turn = self.lock_worktrees().await?;
         let path = path.to_string_lossy();
         let mut args = vec![
             "worktree",
