@@ -635,10 +635,12 @@ impl Recovery<'_> {
             }
             cli.remove_worktree(path).await.map_err(|e| e.to_string())
         };
-        let creating = record.is_some_and(|r| r.state == TaskState::Creating);
-        if !path.exists() || creating {
-            // Only git's metadata is left, or nothing has run in it yet and its checkout may be half
-            // done: there is no work to keep.
+        let nothing_to_keep = record
+            .is_some_and(|r| matches!(r.state, TaskState::Creating | TaskState::RemovingWorktree));
+        if !path.exists() || nothing_to_keep {
+            // Only git's metadata is left; or nothing has run in it yet and its checkout may be
+            // half done; or its work was committed and its removal half done: there is no work to
+            // keep, and a snapshot would commit the missing files as deletions.
             return remove().await.map(|()| None);
         }
         if let Err(why) = check_linked(&self.ws.repo.common_dir, path) {

@@ -105,6 +105,10 @@ pub enum TaskState {
     Stopping,
     /// The command ended; the snapshot and removals are in progress.
     TearingDown,
+    /// The snapshot is committed (or there was nothing to keep); the worktree is being removed. A
+    /// half-removed worktree holds no work: whoever finishes the job must not commit its missing
+    /// files as deletions.
+    RemovingWorktree,
     /// Torn down after the command ended (whatever its exit code).
     Exited,
     /// agentbox itself failed; whatever it made has been rolled back.
@@ -122,7 +126,11 @@ impl TaskState {
     pub fn is_active(self) -> bool {
         matches!(
             self,
-            Self::Creating | Self::Running | Self::Stopping | Self::TearingDown
+            Self::Creating
+                | Self::Running
+                | Self::Stopping
+                | Self::TearingDown
+                | Self::RemovingWorktree
         )
     }
 
@@ -132,6 +140,7 @@ impl TaskState {
             Self::Running => "running",
             Self::Stopping => "stopping",
             Self::TearingDown => "tearing-down",
+            Self::RemovingWorktree => "removing-worktree",
             Self::Exited => "exited",
             Self::Failed => "failed",
             Self::Kept => "kept",

@@ -302,3 +302,33 @@ fn run_of_another_task_cleans_up_a_crashed_one_first() {
     quiet.expect_code(0);
     assert!(!quiet.stderr.contains("recovered"), "{quiet}");
 }
+
+#[test]
+fn gc_does_not_commit_a_half_removed_worktree_as_deletions() {
+    let env = TestEnv::new("gc-half-removed");
+    // A task whose work is committed and whose worktree removal was cut short: simulated with a
+    // kept task whose record is put in the state a supervisor writes just before the removal,
+    // and a tracked file already gone from the worktree.
+    let commit_all = "echo done > done.txt && git add done.txt && git commit -qm done";
+    env.output(["run", "t", "--keep", "--", "sh", "-c", commit_all])
+        .expect_code(0);
+    let tip = env.rev("agentbox/t");
+    let record_path = env
+        .task_records()
+        .into_iter()
+        .find(|p| p.file_name().is_some_and(|n| n == "t.json"))
+        .expect("t has a record");
+    let mut record: Value = serde_json::from_slice(&std::fs::read(&record_path).unwrap()).unwrap();
+    record["state"] = "removing-worktree".into();
+    std::fs::write(&record_path, serde_json::to_vec(&record).unwrap()).unwrap();
+    std::fs::remove_file(env.worktree_path("t").join("README.md")).unwrap();
+    assert_eq!(env.ls_task("t").expect("ls lists t")["state"], "orphaned");
+
+    env.output(["gc"]).expect_code(0);
+    assert_eq!(
+        env.rev("agentbox/t"),
+        tip,
+        "no snapshot commit of the missing file"
+    );
+    env.assert_torn_down("t");
+}

@@ -40,7 +40,7 @@ pub use request::{
 use crate::config::EnvVar;
 use crate::docker::{DockerError, Engine, Output, StartError};
 use crate::environment;
-use crate::git::{GitError, Identity};
+use crate::git::Identity;
 use crate::ports::Owner;
 use crate::sandbox::{Sandbox, SandboxPlan};
 use crate::state::StateError;
@@ -504,18 +504,29 @@ impl Supervised<'_> {
             let cli = self.ws.git();
             let message = snapshot_message(self.task(), self.record.exit_code);
             let own_files = self.record.own_files.clone();
+            let state = &self.ws.state;
+            let record = &self.record;
             let keep_work = async {
                 let snapshot = cli
-                    .snapshot(&self.record.worktree, &message, &self.identity, &own_files)
-                    .await?;
-                cli.remove_worktree(&self.record.worktree).await?;
-                Ok::<_, GitError>(snapshot)
+                    .snapshot(&record.worktree, &message, &self.identity, &own_files)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let removing = TaskRecord {
+                    state: TaskState::RemovingWorktree,
+                    snapshot_commit: snapshot.clone(),
+                    ..record.clone()
+                };
+                state.write(&removing).map_err(|e| e.to_string())?;
+                cli.remove_worktree(&record.worktree)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(snapshot)
             };
             let (removed, kept_work) = tokio::join!(sandbox.remove(self.engine), keep_work);
             problems.extend(removed);
             match kept_work {
                 Ok(snapshot) => self.record.snapshot_commit = snapshot,
-                Err(e) => problems.push(e.to_string()),
+                Err(e) => problems.push(e),
             }
         }
         if let Err(e) = self.ws.ports.release(&self.owner) {
