@@ -1151,3 +1151,24 @@ impl Spawned {
         self.child.is_none()
     }
 }
+
+// ---- concurrency (many tasks in one repository) -----------------------------------------------------
+
+impl TestEnv {
+    /// The administrative directory git keeps for the linked worktree at `worktree`:
+    /// `<common dir>/worktrees/<x>` whose `gitdir` file points at `<worktree>/.git`. `None` when git
+    /// has no metadata for it (never added, removed, or pruned).
+    pub fn worktree_admin_dir(&self, worktree: &Path) -> Option<PathBuf> {
+        let wanted = worktree.join(".git");
+        let entries = fs::read_dir(self.common_dir().join("worktrees")).ok()?;
+        entries.map(|e| e.unwrap().path()).find(|dir| {
+            fs::read_to_string(dir.join("gitdir"))
+                .is_ok_and(|gitdir| Path::new(gitdir.trim_end()) == wanted)
+        })
+    }
+
+    /// Whether the engine reports the container `id` as running.
+    pub fn is_running(&self, id: &str) -> bool {
+        self.inspect(id)["State"]["Running"] == true
+    }
+}

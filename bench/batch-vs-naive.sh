@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# Benchmark: what does `agentbox batch` cost over the script a user would write by hand to run N tasks
+# at once?
+#
+#   bench/batch-vs-naive.sh [-n ROUNDS]
+#
+# For N = 1, 4 and 16 tasks (each task's command: `true`), in one run:
+#   A  agentbox batch <file of N tasks> --parallel N
+#   B  the same N tasks through the naive script, N-wide: `xargs -P N`, each item being
+#        git worktree add -b agentbox/<task> <wt> HEAD &&
+#        docker run --rm -u uid:gid -v <wt>:<wt> -v <common dir>:<common dir> (config, hooks read-only)
+#          -w <wt> IMAGE true &&
+#        git worktree remove --force <wt>          (the branch stays, as with agentbox)
+# alternating A and B for each N, ROUNDS rounds (default 5) after one untimed warm-up of each side,
+# with fresh task names every time. Measures the wall-clock time of each batch and the peak RSS of
+# `agentbox batch` (`/usr/bin/time -f %M`, which reports the largest of the process and the children it
+# waited for; Debian's `time` package is installed when /usr/bin/time is missing).
+#
+# agentbox's batches must all succeed (exit 0, every branch there, no worktree or container left):
+# every shortfall is reported as a PROBLEM and, after the summary, the script exits 1. The naive script has no protection against git's own races when 16
+# `git worktree add`/`remove` run at once (e.g. "failed to read .../commondir", "index.lock": File
+# exists): such an item simply fails, as it would for a user. Failures are counted and reported per
+# side instead of aborting; the naive side's leftovers are cleaned up (untimed) after each batch.
+#
+# Prints per-batch times on stderr; on stdout, per N, the median wall clock of each side, the ratio
+# agentbox/naive of the medians, agentbox's peak RSS (max over rounds) and the failures of each side;
+# last:
+#   ratio(N=1) = X.XX
+#   ratio(N=4) = X.XX
+#   ratio(N=16) = X.XX
+#   peak_rss_mib(N=16) = X.X
+#
+# Environment: AGENTBOX   the binary (default target/release/agentbox, or $CARGO_TARGET_DIR/release/agentbox;
+#                         built with `cargo build --release` when missing)
+#              AGENTBOX_BENCH_IMAGE  image for both sides (default agentbox/base:bookworm, which
+#                         images/build-base.sh builds)
+# Everything it creates (a throwaway repo, its worktrees, agentbox's state, containers labelled
+# agentbox.bench=<run id>) is removed on exit.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+default_image="agentbox/base:bookworm"
+image="${AGENTBOX_BENCH_IMAGE:-$default_image}"
+sizes=(1 4 16)
+
+usage() { echo "usage: $0 [-n ROUNDS]" >&2; exit 2; }
+die() { echo "batch-vs-naive: $*" >&2; exit 1; }
+say() { echo "batch-vs-naive: $*" >&2; }
+
+rounds=5
+while getopts ":n:h" opt; do
+  case "$opt" in
+    n) rounds="$OPTARG" ;;
+    h) usage ;;
+    *) usage ;;
+  esac
+done
+shift $((OPTIND - 1))
+(($# == 0)) || usage
+[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive number, got '$rounds'"
+
+if [[ -z "${AGENTBOX:-}" ]]; then
+  target_dir="${CARGO_TARGET_DIR:-target}"
+  [[ "$target_dir" == /* ]] || target_dir="$root/$target_dir"
+  AGENTBOX="$target_dir/release/agentbox"
+  if [[ ! -x "$AGENTBOX" ]]; then
+    say "building $AGENTBOX (cargo build --release)"
+    (cd "$root" && cargo build --release --locked --quiet)
+  fi
+fi
+[[ -x "$AGENTBOX" ]] || die "agentbox binary not found or not executable: $AGENTBOX"
+AGENTBOX="$(cd "$(dirname "$AGENTBOX")" && pwd)/$(basename "$AGENTBOX")"
+
+if [[ ! -x /usr/bin/time ]]; then
+  say "/usr/bin/time is missing; installing Debian's time package"
+  sudo=()
+  ((EUID == 0)) || sudo=(sudo)
+  "${sudo[@]}" apt-get install -y -qq time >/dev/null || die "cannot install the time package (apt-get install -y time)"
+fi
+[[ -x /usr/bin/time ]] || die "/usr/bin/time is missing"
+command -v xargs >/dev/null || die "xargs is missing"
+
+docker info >/dev/null 2>&1 || die "no Docker engine answers (docker info failed)"
+docker image inspect "$image" >/dev/null 2>&1 || die "image $image is missing; build it with images/build-base.sh"
+
+# --- a throwaway world --------------------------------------------------------------------------------
+run_id="$(date +%s)-$$"
+label="agentbox.bench=$run_id"
+tmp="$(mktemp -d "${TMPDIR:-/tmp}/agentbox-bench.XXXXXX")"
+tmp="$(cd "$tmp" && pwd -P)"
+repo="$tmp/repo"
+# agentbox's default worktree root for $repo; the naive side uses the same place.
+wtroot="$tmp/.agentbox-worktrees/repo"
+
+remove_labelled_containers() {
+  local ids
+  ids="$(docker ps -aq --filter "label=$label" 2>/dev/null || true)"
+  if [[ -n "$ids" ]]; then
+    # shellcheck disable=SC2086 # one id per word
+    docker rm -f $ids >/dev/null 2>&1 || true
+  fi
+}
+
+cleanup() {
+  remove_labelled_containers
+  if [[ -d "$repo/.git" ]]; then
+    rm -rf "$wtroot"
+    git -C "$repo" worktree prune || true
+  fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+export XDG_STATE_HOME="$tmp/state"
+export GIT_CONFIG_GLOBAL="$tmp/gitconfig"
+export GIT_CONFIG_NOSYSTEM=1
+mkdir -p "$XDG_STATE_HOME" "$tmp/files" "$tmp/out"
+git config --file "$GIT_CONFIG_GLOBAL" user.name "agentbox bench"
+git config --file "$GIT_CONFIG_GLOBAL" user.email "bench@agentbox.invalid"
+git config --file "$GIT_CONFIG_GLOBAL" init.defaultBranch main
+
+git init -q "$repo"
+mkdir -p "$repo/src"
+printf '# bench repo\n' >"$repo/README.md"
+printf 'fn main() {\n    println!("hello");\n}\n' >"$repo/src/main.rs"
+printf 'target/\n' >"$repo/.gitignore"
+seq 1 200 >"$repo/numbers.txt"
+git -C "$repo" add -A
+git -C "$repo" commit -q -m "bench: initial commit"
+common="$(git -C "$repo" rev-parse --path-format=absolute --git-common-dir)"
+uidgid="$(id -u):$(id -g)"
+cd "$repo"
+
+# --- the two sides ------------------------------------------------------------------------------------
+# side_a NAME N: `agentbox batch` of N tasks NAME-01..NAME-NN; peak RSS (KiB) into $tmp/out/NAME.rss.
+side_a() {
+  local name="$1" n="$2" file="$tmp/files/$1.toml" i
+  : >"$file"
+  for ((i = 1; i <= n; i++)); do
+    printf '[[task]]\nname = "%s-%02d"\ncommand = ["true"]\n\n' "$name" "$i" >>"$file"
+  done
+  [[ "$image" == "$default_image" ]] || sed -i "s|^command = |image = \"$image\"\ncommand = |" "$file"
+  /usr/bin/time -f %M -o "$tmp/out/$name.rss" \
+    "$AGENTBOX" batch --label "$label" --parallel "$n" "$file"
+}
+
+# naive_one TASK: what a user writes by hand for one task. Leaves $tmp/out/TASK.fail when it fails.
+naive_one() {
+  local task="$1" wt="$wtroot/$1"
+  if ! {
+    git worktree add -q -b "agentbox/$task" "$wt" HEAD &&
+      docker run --rm --label "$label" -u "$uidgid" \
+        -v "$wt:$wt" -v "$common:$common" \
+        -v "$common/config:$common/config:ro" -v "$common/hooks:$common/hooks:ro" \
+        -w "$wt" "$image" true &&
+      git worktree remove --force "$wt"
+  }; then
+    : >"$tmp/out/$task.fail"
+    return 1
+  fi
+}
+export -f naive_one
+export tmp wtroot label uidgid common image
+
+# side_n NAME N: the N tasks NAME-01..NAME-NN through naive_one, N-wide.
+side_n() {
+  local name="$1" n="$2"
+  # shellcheck disable=SC2016 # $1 is for the inner bash
+  seq -f "$name-%02g" 1 "$n" | xargs -P "$n" -n 1 bash -c 'naive_one "$1"' naive_one
+}
+
+# --- bookkeeping --------------------------------------------------------------------------------------
+problems=0
+problem() { say "PROBLEM: $*"; problems=$((problems + 1)); }
+
+# time_batch SIDE NAME N: runs one batch, prints its wall time in ns and its exit code.
+time_batch() {
+  local side="$1" name="$2" n="$3" t0 t1 rc=0
+  t0="$(date +%s%N)"
+  "$side" "$name" "$n" >"$tmp/out/$name.log" 2>&1 || rc=$?
+  t1="$(date +%s%N)"
+  echo "$((t1 - t0)) $rc"
+}
+
+# check_a NAME N RC: agentbox's batch must have succeeded completely.
+check_a() {
+  local name="$1" n="$2" rc="$3" i task c
+  if ((rc != 0)); then
+    problem "agentbox batch $name (N=$n) exited $rc:"
+    tail -n 30 "$tmp/out/$name.log" >&2
+  fi
+  for ((i = 1; i <= n; i++)); do
+    task="$(printf '%s-%02d' "$name" "$i")"
+    git rev-parse -q --verify "refs/heads/agentbox/$task" >/dev/null || problem "$task: branch agentbox/$task missing"
+    [[ ! -e "$wtroot/$task" ]] || problem "$task: worktree $wtroot/$task still exists"
+  done
+  if git worktree list --porcelain | grep -q "^worktree $wtroot/$name-"; then
+    problem "$name: git worktree list still shows some of its worktrees"
+  fi
+  c="$(docker ps -aq --filter "label=$label")"
+  if [[ -n "$c" ]]; then
+    problem "$name: container(s) left behind: $(echo "$c" | tr '\n' ' ')"
+    remove_labelled_containers
+  fi
+}
+
+# tidy_n NAME N: counts the naive batch's failed items (prints the count) and removes what the failed
+# ones left behind (worktrees, their metadata), so that the next batch starts clean. Untimed.
+tidy_n() {
+  local name="$1" n="$2" failed wt i
+  failed="$(find "$tmp/out" -maxdepth 1 -name "$name-*.fail" | wc -l)"
+  if ((failed > 0)); then
+    say "naive $name: $failed of $n item(s) failed; first errors:"
+    grep -v '^$' "$tmp/out/$name.log" | head -n 5 | sed 's/^/    /' >&2
+  fi
+  for ((i = 1; i <= n; i++)); do
+    wt="$wtroot/$(printf '%s-%02d' "$name" "$i")"
+    if [[ -e "$wt" ]]; then
+      git worktree remove --force --force "$wt" >/dev/null 2>&1 || rm -rf "$wt"
+    fi
+  done
+  git worktree prune
+  remove_labelled_containers
+  echo "$failed"
+}
+
+# --- the runs -----------------------------------------------------------------------------------------
+say "warm-up"
+read -r _ rc < <(time_batch side_a warm-a 1)
+check_a warm-a 1 "$rc"
+read -r _ rc < <(time_batch side_n warm-n 1)
+tidy_n warm-n 1 >/dev/null
+
+# One line per batch: N side ns rc failed_items rss_kib
+: >"$tmp/times"
+for ((r = 1; r <= rounds; r++)); do
+  for n in "${sizes[@]}"; do
+    name="a-r$r-n$n"
+    read -r ta rc < <(time_batch side_a "$name" "$n")
+    check_a "$name" "$n" "$rc"
+    rss="$(tail -n 1 "$tmp/out/$name.rss")"
+    # Failed tasks: rows of batch's summary table (TASK EXIT DURATION COMMITS FILES BRANCH) whose
+    # exit code is not 0.
+    failed_a="$(awk -v re="^$name-[0-9]+\$" '$1 ~ re && NF == 6 && $2 ~ /^[0-9]+$/ && $6 ~ /^agentbox\// && $2 != "0" { f++ } END { print f + 0 }' "$tmp/out/$name.log")"
+    ((rc == 0 || failed_a > 0)) || failed_a="$n"
+    printf '%s a %s %s %s %s\n' "$n" "$ta" "$rc" "$failed_a" "$rss" >>"$tmp/times"
+
+    name="n-r$r-n$n"
+    read -r tn rc < <(time_batch side_n "$name" "$n")
+    failed_n="$(tidy_n "$name" "$n")"
+    printf '%s n %s %s %s 0\n' "$n" "$tn" "$rc" "$failed_n" >>"$tmp/times"
+
+    awk -v r="$r" -v R="$rounds" -v n="$n" -v a="$ta" -v b="$tn" -v rss="$rss" -v fa="$failed_a" -v fn="$failed_n" \
+      'BEGIN { printf "batch-vs-naive: round %d/%d N=%-2d  agentbox %8.1f ms (%5.1f MiB, %d failed)   naive %8.1f ms (%d failed)\n", r, R, n, a / 1e6, rss / 1024, fa, b / 1e6, fn }' >&2
+  done
+done
+
+# --- summary ------------------------------------------------------------------------------------------
+engine="$(docker version -f '{{.Server.Version}}' 2>/dev/null || echo '?')"
+echo "agentbox batch (N tasks, --parallel N)  vs  N x (git worktree add + docker run --rm + git worktree remove) via xargs -P N"
+echo "task command: true; image $image, engine $engine, $(nproc) cores; $rounds rounds alternating (A B per N), 1 warm-up each"
+awk -v rounds="$rounds" '
+  function median(v, m,   s, j, k, t) {
+    for (j = 1; j <= m; j++) s[j] = v[j]
+    for (j = 2; j <= m; j++) { t = s[j]; for (k = j - 1; k >= 1 && s[k] > t; k--) s[k + 1] = s[k]; s[k + 1] = t }
+    return (m % 2) ? s[(m + 1) / 2] : (s[m / 2] + s[m / 2 + 1]) / 2
+  }
+  $2 == "a" { n = $1; ca[n]++; a[n, ca[n]] = $3 / 1e6; if ($6 > rss[n]) rss[n] = $6; fa[n] += $5; if ($4 != 0) ba[n]++ }
+  $2 == "n" { n = $1; cn[n]++; b[n, cn[n]] = $3 / 1e6; fn[n] += $5; if ($4 != 0) bn[n]++ }
+  END {
+    split("1 4 16", sizes, " ")
+    for (i = 1; i <= 3; i++) {
+      n = sizes[i]
+      delete va; delete vb
+      for (j = 1; j <= ca[n]; j++) va[j] = a[n, j]
+      for (j = 1; j <= cn[n]; j++) vb[j] = b[n, j]
+      ma[n] = median(va, ca[n]); mb[n] = median(vb, cn[n])
+      printf "N=%-2d  agentbox: median %8.1f ms   naive: median %8.1f ms   ratio %.2f   agentbox peak RSS %.1f MiB\n", n, ma[n], mb[n], ma[n] / mb[n], rss[n] / 1024
+      printf "      failures: agentbox %d of %d batches, %d of %d tasks; naive %d of %d batches, %d of %d tasks\n", ba[n] + 0, ca[n], fa[n] + 0, n * ca[n], bn[n] + 0, cn[n], fn[n] + 0, n * cn[n]
+    }
+    for (i = 1; i <= 3; i++) { n = sizes[i]; printf "ratio(N=%d) = %.2f\n", n, ma[n] / mb[n] }
+    printf "peak_rss_mib(N=16) = %.1f\n", rss[16] / 1024
+  }' "$tmp/times"
+
+if ((problems > 0)); then
+  say "$problems problem(s) seen on the agentbox side, see above"
+  exit 1
+fi
