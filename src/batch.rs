@@ -167,7 +167,9 @@ pub struct TaskResult {
     /// task or kept it from starting.
     pub exit_code: i64,
     pub duration_ms: u64,
-    pub branch: String,
+    /// The task's branch; `None` when it does not exist (the task failed or was stopped before
+    /// agentbox made it, and a rollback leaves no branch behind).
+    pub branch: Option<String>,
     pub commits_ahead: usize,
     pub files_changed: usize,
     pub snapshot_commit: Option<String>,
@@ -288,7 +290,7 @@ async fn run_one(
         task: task.clone(),
         exit_code,
         duration_ms: 0,
-        branch: branch.clone(),
+        branch: None,
         commits_ahead: 0,
         files_changed: 0,
         snapshot_commit: None,
@@ -319,6 +321,10 @@ async fn run_one(
             }
         }
     };
+    if result.branch.is_none() && ws.repo.branch_tip(&branch).ok().flatten().is_some() {
+        // A task that failed after its branch existed (say, in its teardown): the work is there.
+        result.branch = Some(branch);
+    }
     result.duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
     let torn_down = BatchEvent::TornDown {
         task: task.clone(),
@@ -337,7 +343,7 @@ fn from_outcome(task: &str, outcome: RunOutcome, started: bool) -> TaskResult {
             .map(|s| i64::from(s.exit_code()))
             .unwrap_or(outcome.exit_code),
         duration_ms: 0,
-        branch: summary.branch,
+        branch: Some(summary.branch),
         commits_ahead: summary.commits_ahead,
         files_changed: summary.files_changed,
         snapshot_commit: summary.snapshot_commit,
@@ -536,7 +542,7 @@ command = ["cargo", "clippy"]
             task: task.into(),
             exit_code,
             duration_ms: 0,
-            branch: String::new(),
+            branch: None,
             commits_ahead: 0,
             files_changed: 0,
             snapshot_commit: None,

@@ -294,6 +294,11 @@ fn ctrl_c_stops_every_task_keeps_their_work_and_skips_waiting_ones() {
     let results = summary["tasks"].as_array().unwrap();
     assert_eq!(results[2]["task"], "wai");
     assert_eq!(results[2]["started"], false, "{summary}");
+    assert_eq!(
+        results[2]["branch"],
+        Value::Null,
+        "it never got a branch: {summary}"
+    );
     for task in ["one", "two"] {
         env.assert_torn_down(task);
         env.assert_snapshot_holds(task, "wip.txt", &format!("wip-{task}\n"));

@@ -217,7 +217,10 @@ async fn render_text(mut events: mpsc::Receiver<Timed>, palette: Palette, status
                 }
                 let message = match &result.error {
                     Some(error) => format!("agentbox: error: {error}"),
-                    None => format!("agentbox: torn down; work is on {}", result.branch),
+                    None => match &result.branch {
+                        Some(branch) => format!("agentbox: torn down; work is on {branch}"),
+                        None => "agentbox: torn down".to_owned(),
+                    },
                 };
                 (true, format!("{}{message}", palette.prefix(&task)))
             }
@@ -254,7 +257,7 @@ fn print_summary(results: &[TaskResult]) {
                 format!("{:.1}s", r.duration_ms as f64 / 1000.0),
                 r.commits_ahead.to_string(),
                 r.files_changed.to_string(),
-                r.branch.clone(),
+                r.branch.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
