@@ -340,7 +340,7 @@ pub async fn remove(
     if delete_branch && ws.repo.branch_tip(&record.branch)?.is_some() {
         removal.deleted_branch_tip = Some(ws.git().delete_branch(&record.branch).await?);
     }
-    ws.state.remove(task)?;
+    ws.state.remove(task, &claim)?;
     Ok(removal)
 }
 

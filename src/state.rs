@@ -171,9 +171,16 @@ impl StateDir {
         fs::rename(&tmp, &path).map_err(io_error("replace", &path))
     }
 
-    /// Forgets a task: its record and its log.
-    pub fn remove(&self, name: &TaskName) -> Result<(), StateError> {
-        for path in [self.record_path(name), self.log_path(name)] {
+    /// Forgets a task: its record, its log and its lock file. Only the holder of the task's claim
+    /// may: nobody else can be using the lock file then. (A process that opened it just before it
+    /// goes finds the task busy once, which is true.)
+    pub fn remove(&self, name: &TaskName, _claim: &TaskClaim) -> Result<(), StateError> {
+        let paths = [
+            self.record_path(name),
+            self.log_path(name),
+            self.lock_path(name),
+        ];
+        for path in paths {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -269,7 +276,9 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         let a = TaskName::parse("a").unwrap();
         assert_eq!(state.read(&a).unwrap(), Some(record("a")));
-        state.remove(&a).unwrap();
+        let claim = state.try_claim(&a).unwrap().unwrap();
+        state.remove(&a, &claim).unwrap();
+        assert!(!state.lock_path(&a).exists(), "no lock file piles up");
         assert_eq!(state.read(&a).unwrap(), None);
     }
 

@@ -43,7 +43,7 @@ use crate::environment;
 use crate::git::Identity;
 use crate::ports::Owner;
 use crate::sandbox::{Sandbox, SandboxPlan};
-use crate::state::StateError;
+use crate::state::{StateError, TaskClaim};
 use crate::task::{TaskName, TaskRecord, TaskState};
 use crate::workspace::Workspace;
 use plan::{all_port_mappings, copy_into, own_files, plan, port_names};
@@ -57,7 +57,7 @@ pub async fn run(
     stop: watch::Receiver<StopLevel>,
 ) -> Result<RunOutcome, RunError> {
     let task = request.task.clone();
-    let _claim = ws
+    let claim = ws
         .state
         .try_claim(&task)?
         .ok_or_else(|| RunError::AlreadyRunning { task: task.clone() })?;
@@ -65,7 +65,7 @@ pub async fn run(
     if let Some(previous) = &previous {
         // A run that died left the task half-way: finish its teardown (the work goes to the
         // branch), then continue on the branch.
-        crate::gc::recover_left_behind(ws, engine, previous, &_claim, request.stop_timeout).await?;
+        crate::gc::recover_left_behind(ws, engine, previous, &claim, request.stop_timeout).await?;
         if previous.state == TaskState::Kept {
             return Err(RunError::KeptBefore {
                 task,
@@ -158,6 +158,7 @@ pub async fn run(
         env,
         events,
         stop,
+        claim,
     };
     match run.create(plan).await {
         Ok(sandbox) => run.supervise(sandbox).await,
@@ -176,6 +177,8 @@ struct Supervised<'a> {
     env: Vec<EnvVar>,
     events: mpsc::Sender<RunEvent>,
     stop: watch::Receiver<StopLevel>,
+    /// Held for as long as the task runs: it is what "supervised" means to everyone else.
+    claim: TaskClaim,
 }
 
 /// A setup step that failed, with what existed at that point for the rollback to undo.
@@ -313,7 +316,7 @@ impl Supervised<'_> {
         if let Err(e) = self.ws.ports.release(&self.owner) {
             problems.push(e.to_string());
         }
-        if let Err(e) = self.ws.state.remove(self.task()) {
+        if let Err(e) = self.ws.state.remove(self.task(), &self.claim) {
             problems.push(e.to_string());
         }
         if problems.is_empty() {
