@@ -37,39 +37,13 @@
 # Everything it creates (a throwaway repo, its worktrees, agentbox's state, containers labelled
 # agentbox.bench=<run id>) is removed on exit.
 set -euo pipefail
-
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-default_image="agentbox/base:bookworm"
-image="${AGENTBOX_BENCH_IMAGE:-$default_image}"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 sizes=(1 4 16)
 
-usage() { echo "usage: $0 [-n ROUNDS]" >&2; exit 2; }
-die() { echo "batch-vs-naive: $*" >&2; exit 1; }
-say() { echo "batch-vs-naive: $*" >&2; }
-
-rounds=5
-while getopts ":n:h" opt; do
-  case "$opt" in
-    n) rounds="$OPTARG" ;;
-    h) usage ;;
-    *) usage ;;
-  esac
-done
-shift $((OPTIND - 1))
-(($# == 0)) || usage
-[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "-n wants a positive number, got '$rounds'"
-
-if [[ -z "${AGENTBOX:-}" ]]; then
-  target_dir="${CARGO_TARGET_DIR:-target}"
-  [[ "$target_dir" == /* ]] || target_dir="$root/$target_dir"
-  AGENTBOX="$target_dir/release/agentbox"
-  if [[ ! -x "$AGENTBOX" ]]; then
-    say "building $AGENTBOX (cargo build --release)"
-    (cd "$root" && cargo build --release --locked --quiet)
-  fi
-fi
-[[ -x "$AGENTBOX" ]] || die "agentbox binary not found or not executable: $AGENTBOX"
-AGENTBOX="$(cd "$(dirname "$AGENTBOX")" && pwd)/$(basename "$AGENTBOX")"
+bench_parse_n 5 ROUNDS "$@"
+rounds="$bench_n"
+bench_locate_agentbox
 
 if [[ ! -x /usr/bin/time ]]; then
   say "/usr/bin/time is missing; installing Debian's time package"
@@ -79,58 +53,13 @@ if [[ ! -x /usr/bin/time ]]; then
 fi
 [[ -x /usr/bin/time ]] || die "/usr/bin/time is missing"
 command -v xargs >/dev/null || die "xargs is missing"
+bench_check_engine
 
-docker info >/dev/null 2>&1 || die "no Docker engine answers (docker info failed)"
-docker image inspect "$image" >/dev/null 2>&1 || die "image $image is missing; build it with images/build-base.sh"
-
-# --- a throwaway world --------------------------------------------------------------------------------
-run_id="$(date +%s)-$$"
-label="agentbox.bench=$run_id"
-tmp="$(mktemp -d "${TMPDIR:-/tmp}/agentbox-bench.XXXXXX")"
-tmp="$(cd "$tmp" && pwd -P)"
+bench_make_world
+mkdir -p "$tmp/files" "$tmp/out"
 repo="$tmp/repo"
-# agentbox's default worktree root for $repo; the naive side uses the same place.
-wtroot="$tmp/.agentbox-worktrees/repo"
-
-remove_labelled_containers() {
-  local ids
-  ids="$(docker ps -aq --filter "label=$label" 2>/dev/null || true)"
-  if [[ -n "$ids" ]]; then
-    # shellcheck disable=SC2086 # one id per word
-    docker rm -f $ids >/dev/null 2>&1 || true
-  fi
-}
-
-cleanup() {
-  remove_labelled_containers
-  if [[ -d "$repo/.git" ]]; then
-    rm -rf "$wtroot"
-    git -C "$repo" worktree prune || true
-  fi
-  rm -rf "$tmp"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-export XDG_STATE_HOME="$tmp/state"
-export GIT_CONFIG_GLOBAL="$tmp/gitconfig"
-export GIT_CONFIG_NOSYSTEM=1
-mkdir -p "$XDG_STATE_HOME" "$tmp/files" "$tmp/out"
-git config --file "$GIT_CONFIG_GLOBAL" user.name "agentbox bench"
-git config --file "$GIT_CONFIG_GLOBAL" user.email "bench@agentbox.invalid"
-git config --file "$GIT_CONFIG_GLOBAL" init.defaultBranch main
-
-git init -q "$repo"
-mkdir -p "$repo/src"
-printf '# bench repo\n' >"$repo/README.md"
-printf 'fn main() {\n    println!("hello");\n}\n' >"$repo/src/main.rs"
-printf 'target/\n' >"$repo/.gitignore"
-seq 1 200 >"$repo/numbers.txt"
-git -C "$repo" add -A
-git -C "$repo" commit -q -m "bench: initial commit"
-common="$(git -C "$repo" rev-parse --path-format=absolute --git-common-dir)"
-uidgid="$(id -u):$(id -g)"
+bench_make_repo "$repo"
+bench_naive_paths "$repo"
 cd "$repo"
 
 # --- the two sides ------------------------------------------------------------------------------------
@@ -141,7 +70,7 @@ side_a() {
   for ((i = 1; i <= n; i++)); do
     printf '[[task]]\nname = "%s-%02d"\ncommand = ["true"]\n\n' "$name" "$i" >>"$file"
   done
-  [[ "$image" == "$default_image" ]] || sed -i "s|^command = |image = \"$image\"\ncommand = |" "$file"
+  [[ "$image" == "$bench_default_image" ]] || sed -i "s|^command = |image = \"$image\"\ncommand = |" "$file"
   /usr/bin/time -f %M -o "$tmp/out/$name.rss" \
     "$AGENTBOX" batch --label "$label" --parallel "$n" "$file"
 }
@@ -172,38 +101,22 @@ side_n() {
 }
 
 # --- bookkeeping --------------------------------------------------------------------------------------
-problems=0
-problem() { say "PROBLEM: $*"; problems=$((problems + 1)); }
+bench_problems_where="on the agentbox side"
 
-# time_batch SIDE NAME N: runs one batch, prints its wall time in ns and its exit code.
-time_batch() {
-  local side="$1" name="$2" n="$3" t0 t1 rc=0
-  t0="$(date +%s%N)"
-  "$side" "$name" "$n" >"$tmp/out/$name.log" 2>&1 || rc=$?
-  t1="$(date +%s%N)"
-  echo "$((t1 - t0)) $rc"
-}
+# time_batch SIDE NAME N: bench_time of one batch, logged to $tmp/out/NAME.log.
+time_batch() { bench_time "$tmp/out/$2.log" "$@"; }
 
 # check_a NAME N RC: agentbox's batch must have succeeded completely.
 check_a() {
-  local name="$1" n="$2" rc="$3" i task c
+  local name="$1" n="$2" rc="$3" i
   if ((rc != 0)); then
     problem "agentbox batch $name (N=$n) exited $rc:"
     tail -n 30 "$tmp/out/$name.log" >&2
   fi
   for ((i = 1; i <= n; i++)); do
-    task="$(printf '%s-%02d' "$name" "$i")"
-    git rev-parse -q --verify "refs/heads/agentbox/$task" >/dev/null || problem "$task: branch agentbox/$task missing"
-    [[ ! -e "$wtroot/$task" ]] || problem "$task: worktree $wtroot/$task still exists"
+    bench_check_task "$repo" "$(printf '%s-%02d' "$name" "$i")"
   done
-  if git worktree list --porcelain | grep -q "^worktree $wtroot/$name-"; then
-    problem "$name: git worktree list still shows some of its worktrees"
-  fi
-  c="$(docker ps -aq --filter "label=$label")"
-  if [[ -n "$c" ]]; then
-    problem "$name: container(s) left behind: $(echo "$c" | tr '\n' ' ')"
-    remove_labelled_containers
-  fi
+  bench_check_leftovers "$name"
 }
 
 # tidy_n NAME N: counts the naive batch's failed items (prints the count) and removes what the failed
@@ -222,15 +135,15 @@ tidy_n() {
     fi
   done
   git worktree prune
-  remove_labelled_containers
+  bench_remove_labelled
   echo "$failed"
 }
 
 # --- the runs -----------------------------------------------------------------------------------------
 say "warm-up"
-read -r _ rc < <(time_batch side_a warm-a 1)
-check_a warm-a 1 "$rc"
-read -r _ rc < <(time_batch side_n warm-n 1)
+time_batch side_a warm-a 1
+check_a warm-a 1 "$bench_rc"
+time_batch side_n warm-n 1
 tidy_n warm-n 1 >/dev/null
 
 # One line per batch: N side ns rc failed_items rss_kib
@@ -238,7 +151,8 @@ tidy_n warm-n 1 >/dev/null
 for ((r = 1; r <= rounds; r++)); do
   for n in "${sizes[@]}"; do
     name="a-r$r-n$n"
-    read -r ta rc < <(time_batch side_a "$name" "$n")
+    time_batch side_a "$name" "$n"
+    ta="$bench_ns" rc="$bench_rc"
     check_a "$name" "$n" "$rc"
     rss="$(tail -n 1 "$tmp/out/$name.rss")"
     # Failed tasks: rows of batch's summary table (TASK EXIT DURATION COMMITS FILES BRANCH) whose
@@ -248,7 +162,8 @@ for ((r = 1; r <= rounds; r++)); do
     printf '%s a %s %s %s %s\n' "$n" "$ta" "$rc" "$failed_a" "$rss" >>"$tmp/times"
 
     name="n-r$r-n$n"
-    read -r tn rc < <(time_batch side_n "$name" "$n")
+    time_batch side_n "$name" "$n"
+    tn="$bench_ns" rc="$bench_rc"
     failed_n="$(tidy_n "$name" "$n")"
     printf '%s n %s %s %s 0\n' "$n" "$tn" "$rc" "$failed_n" >>"$tmp/times"
 
@@ -258,15 +173,9 @@ for ((r = 1; r <= rounds; r++)); do
 done
 
 # --- summary ------------------------------------------------------------------------------------------
-engine="$(docker version -f '{{.Server.Version}}' 2>/dev/null || echo '?')"
 echo "agentbox batch (N tasks, --parallel N)  vs  N x (git worktree add + docker run --rm + git worktree remove) via xargs -P N"
-echo "task command: true; image $image, engine $engine, $(nproc) cores; $rounds rounds alternating (A B per N), 1 warm-up each"
-awk -v rounds="$rounds" '
-  function median(v, m,   s, j, k, t) {
-    for (j = 1; j <= m; j++) s[j] = v[j]
-    for (j = 2; j <= m; j++) { t = s[j]; for (k = j - 1; k >= 1 && s[k] > t; k--) s[k + 1] = s[k]; s[k + 1] = t }
-    return (m % 2) ? s[(m + 1) / 2] : (s[m / 2] + s[m / 2 + 1]) / 2
-  }
+echo "task command: true; image $image, engine $(bench_engine_version), $(nproc) cores; $rounds rounds alternating (A B per N), 1 warm-up each"
+bench_awk '
   $2 == "a" { n = $1; ca[n]++; a[n, ca[n]] = $3 / 1e6; if ($6 > rss[n]) rss[n] = $6; fa[n] += $5; if ($4 != 0) ba[n]++ }
   $2 == "n" { n = $1; cn[n]++; b[n, cn[n]] = $3 / 1e6; fn[n] += $5; if ($4 != 0) bn[n]++ }
   END {
@@ -284,7 +193,4 @@ awk -v rounds="$rounds" '
     printf "peak_rss_mib(N=16) = %.1f\n", rss[16] / 1024
   }' "$tmp/times"
 
-if ((problems > 0)); then
-  say "$problems problem(s) seen on the agentbox side, see above"
-  exit 1
-fi
+bench_exit_on_problems
