@@ -133,6 +133,9 @@ impl GitCli {
     /// Checks out `branch` in a new worktree at `path`, creating the branch at `base` when given, and
     /// locks the worktree so that a `git worktree prune` run anywhere (for instance inside another
     /// task's container, where this path does not exist) cannot drop its metadata.
+    ///
+    /// Only the metadata is written while holding the worktree lock; the files are checked out
+    /// after it is released, so tasks of a large repository still check out side by side.
     pub async fn add_worktree(
         &self,
         path: &Path,
@@ -140,21 +143,28 @@ impl GitCli {
         create_at: Option<&str>,
         lock_reason: &str,
     ) -> Result<(), GitError> {
-        let _turn = self.lock_worktrees().await?;
-        let path = path.to_string_lossy();
+        let shown = path.to_string_lossy();
         let mut args = vec![
             "worktree",
             "add",
             "--quiet",
+            "--no-checkout",
             "--lock",
             "--reason",
             lock_reason,
         ];
         match create_at {
-            Some(base) => args.extend(["-b", branch, &path, base]),
-            None => args.extend([&path, branch]),
+            Some(base) => args.extend(["-b", branch, &shown, base]),
+            None => args.extend([&shown, branch]),
         }
-        self.run(&args).await.map(drop)
+        {
+            let _turn = self.lock_worktrees().await?;
+            self.run(&args).await?;
+        }
+        // The index of a `--no-checkout` worktree is empty; resetting it to HEAD writes every file.
+        self.run_in(path, &["reset", "--hard", "--quiet"])
+            .await
+            .map(drop)
     }
 
     /// Removes a worktree (locked or not) and its metadata. Only call this after

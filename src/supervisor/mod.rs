@@ -298,7 +298,9 @@ impl Supervised<'_> {
         let cli = self.ws.git();
         let docker = sandbox.remove(self.engine);
         let git = async {
-            if worktree {
+            // The path did not exist before this run (checked up front), so whatever is there now
+            // is this run's, even when `worktree add` failed half-way.
+            if worktree || self.record.worktree.exists() {
                 cli.remove_worktree(&self.record.worktree)
                     .await
                     .map_err(|e| e.to_string())?;
