@@ -7,20 +7,23 @@
 # For N = 1, 4 and 16 tasks (each task's command: `true`), in one run:
 #   A  agentbox batch <file of N tasks> --parallel N
 #   B  the same N tasks through the naive script, N-wide: `xargs -P N`, each item being
-#        git worktree add -b agentbox/<task> <wt> HEAD &&
+#        flock L git worktree add -b agentbox/<task> <wt> HEAD &&
 #        docker run --rm -u uid:gid -v <wt>:<wt> -v <common dir>:<common dir> (config, hooks read-only)
 #          -w <wt> IMAGE true &&
-#        git worktree remove --force <wt>          (the branch stays, as with agentbox)
+#        flock L git worktree remove --force <wt>  (the branch stays, as with agentbox)
+#      The flock is what a user adds once git's own races have bitten them (without it, 16
+#      `git worktree add`s at once lose a third of their tasks to "failed to read .../commondir",
+#      and a side that skips its containers is not a fair yardstick); agentbox takes turns the same
+#      way.
 # alternating A and B for each N, ROUNDS rounds (default 5) after one untimed warm-up of each side,
 # with fresh task names every time. Measures the wall-clock time of each batch and the peak RSS of
 # `agentbox batch` (`/usr/bin/time -f %M`, which reports the largest of the process and the children it
 # waited for; Debian's `time` package is installed when /usr/bin/time is missing).
 #
 # agentbox's batches must all succeed (exit 0, every branch there, no worktree or container left):
-# every shortfall is reported as a PROBLEM and, after the summary, the script exits 1. The naive script has no protection against git's own races when 16
-# `git worktree add`/`remove` run at once (e.g. "failed to read .../commondir", "index.lock": File
-# exists): such an item simply fails, as it would for a user. Failures are counted and reported per
-# side instead of aborting; the naive side's leftovers are cleaned up (untimed) after each batch.
+# every shortfall is reported as a PROBLEM and, after the summary, the script exits 1. A naive item
+# that fails anyway simply fails, as it would for a user. Failures are counted and reported per side
+# instead of aborting; the naive side's leftovers are cleaned up (untimed) after each batch.
 #
 # Prints per-batch times on stderr; on stdout, per N, the median wall clock of each side, the ratio
 # agentbox/naive of the medians, agentbox's peak RSS (max over rounds) and the failures of each side;
@@ -79,12 +82,12 @@ side_a() {
 naive_one() {
   local task="$1" wt="$wtroot/$1"
   if ! {
-    git worktree add -q -b "agentbox/$task" "$wt" HEAD &&
+    flock "$tmp/naive-worktrees.lock" git worktree add -q -b "agentbox/$task" "$wt" HEAD &&
       docker run --rm --label "$label" -u "$uidgid" \
         -v "$wt:$wt" -v "$common:$common" \
         -v "$common/config:$common/config:ro" -v "$common/hooks:$common/hooks:ro" \
         -w "$wt" "$image" true &&
-      git worktree remove --force "$wt"
+      flock "$tmp/naive-worktrees.lock" git worktree remove --force "$wt"
   }; then
     : >"$tmp/out/$task.fail"
     return 1

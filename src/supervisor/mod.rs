@@ -554,11 +554,15 @@ impl Supervised<'_> {
                     .parse()
                     .expect("base_commit was written from an object id");
                 let ahead = self.ws.repo.commits_ahead(base, tip)?;
-                let files = self
-                    .ws
-                    .git()
-                    .changed_files(&self.record.base_commit, &tip.to_string())
-                    .await?;
+                // No commits of its own, no changed files: spare the git process.
+                let files = if ahead == 0 {
+                    0
+                } else {
+                    self.ws
+                        .git()
+                        .changed_files(&self.record.base_commit, &tip.to_string())
+                        .await?
+                };
                 (ahead, files)
             }
             None => (0, 0),
