@@ -45,32 +45,39 @@ const BIN: &str = env!("CARGO_BIN_EXE_agentbox");
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// Makes sure the default image exists, building it once with `images/build-base.sh`. Serialised
-/// across test binaries (which cargo may run at the same time) by a lock file.
+/// Makes sure the default image exists, building it once with `images/build-base.sh`.
 pub fn ensure_image() {
     static READY: OnceLock<()> = OnceLock::new();
-    READY.get_or_init(|| {
-        let lock_path = std::env::temp_dir().join("agentbox-test-image.lock");
-        let lock = File::create(&lock_path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", lock_path.display()));
-        lock.lock()
-            .unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
-        if !image_exists(IMAGE) {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build-base.sh");
-            let status = Command::new("bash")
-                .arg(&script)
-                .stdin(Stdio::null())
-                .status()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-            assert!(status.success(), "{} failed: {status}", script.display());
-            assert!(
-                image_exists(IMAGE),
-                "{} did not build {IMAGE}",
-                script.display()
-            );
-        }
-        drop(lock);
-    });
+    READY.get_or_init(|| build_image_once(IMAGE, "images/build-base.sh"));
+}
+
+/// Builds `image` with `script` (relative to the repository) unless it exists. Serialised across
+/// test binaries (which cargo may run at the same time) by a lock file per image.
+fn build_image_once(image: &str, script: &str) {
+    let lock_name = format!(
+        "agentbox-test-image-{}.lock",
+        image.replace(['/', ':'], "_")
+    );
+    let lock_path = std::env::temp_dir().join(lock_name);
+    let lock = File::create(&lock_path)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", lock_path.display()));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
+    if image_exists(image) {
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let status = Command::new("bash")
+        .arg(&script)
+        .stdin(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(status.success(), "{} failed: {status}", script.display());
+    assert!(
+        image_exists(image),
+        "{} did not build {image}",
+        script.display()
+    );
 }
 
 fn image_exists(image: &str) -> bool {
@@ -989,32 +996,11 @@ pub fn own_user() -> String {
 pub const TOOLS_IMAGE: &str = "agentbox-test/tools:latest";
 
 /// Makes sure [`TOOLS_IMAGE`] (and the default image it is built on) exists, running
-/// `images/test/build.sh` once. Serialised across test binaries by a lock file.
+/// `images/test/build.sh` once.
 pub fn ensure_tools_image() {
     static READY: OnceLock<()> = OnceLock::new();
     ensure_image();
-    READY.get_or_init(|| {
-        let lock_path = std::env::temp_dir().join("agentbox-test-tools-image.lock");
-        let lock = File::create(&lock_path)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", lock_path.display()));
-        lock.lock()
-            .unwrap_or_else(|e| panic!("cannot lock {}: {e}", lock_path.display()));
-        if !image_exists(TOOLS_IMAGE) {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/test/build.sh");
-            let status = Command::new("bash")
-                .arg(&script)
-                .stdin(Stdio::null())
-                .status()
-                .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-            assert!(status.success(), "{} failed: {status}", script.display());
-            assert!(
-                image_exists(TOOLS_IMAGE),
-                "{} did not build {TOOLS_IMAGE}",
-                script.display()
-            );
-        }
-        drop(lock);
-    });
+    READY.get_or_init(|| build_image_once(TOOLS_IMAGE, "images/test/build.sh"));
 }
 
 impl TestEnv {
