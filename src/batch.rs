@@ -307,7 +307,8 @@ async fn run_one(
         ),
         StopLevel::Continue => {
             let (run_events, run_events_rx) = mpsc::channel(256);
-            let forward = tokio::spawn(forward(task.clone(), run_events_rx, events.clone()));
+            let forward =
+                tokio::spawn(forward(request.task.clone(), run_events_rx, events.clone()));
             let outcome = supervisor::run(ws, engine, request, run_events, stop.clone()).await;
             let started = forward.await.unwrap_or(false);
             match outcome {
@@ -355,10 +356,11 @@ fn from_outcome(task: &str, outcome: RunOutcome, started: bool) -> TaskResult {
 /// Turns one task's run events into batch events, cutting output into whole lines. Returns whether
 /// the command started.
 async fn forward(
-    task: String,
+    name: TaskName,
     mut run_events: mpsc::Receiver<RunEvent>,
     events: mpsc::Sender<Timed>,
 ) -> bool {
+    let task = name.to_string();
     let mut started = false;
     let mut partial: HashMap<bool, Vec<u8>> = HashMap::new();
     let send = |event| events.send(Timed::now(event));
@@ -370,7 +372,7 @@ async fn forward(
                 ports,
             } => BatchEvent::Created {
                 task: task.clone(),
-                branch: format!("agentbox/{task}"),
+                branch: name.branch(),
                 worktree,
                 container_id,
                 ports,

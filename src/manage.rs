@@ -12,6 +12,7 @@ use crate::docker::{DockerError, Engine};
 use crate::gc::{self, GcAction};
 use crate::git::GitError;
 use crate::state::StateError;
+use crate::supervisor::StopSignal;
 use crate::task::{TaskName, TaskRecord, TaskState};
 use crate::workspace::Workspace;
 
@@ -239,36 +240,28 @@ pub async fn stop(
     kill_after: Option<Duration>,
     engine_address: Option<&str>,
 ) -> Result<(), ManageError> {
-    let record = record(ws, task)?;
-    if !ws.state.is_supervised(task)? {
-        let state = if record.state.is_active() {
-            "orphaned".to_owned()
-        } else {
-            record.state.as_str().to_owned()
-        };
-        return Err(ManageError::NotRunning {
-            task: task.clone(),
-            state,
-        });
-    }
-    signal_supervisor(task, record.supervisor_pid, rustix::process::Signal::TERM)?;
-    let state = ws.state.clone();
-    let name = task.clone();
-    let mut torn_down = tokio::task::spawn_blocking(move || state.wait_unsupervised(&name));
+    signal(ws, task, StopSignal::Terminate)?;
+    let torn_down = until_unsupervised(ws, task);
+    tokio::pin!(torn_down);
     if let Some(grace) = kill_after {
         tokio::select! {
-            done = &mut torn_down => {
-                return Ok(done.expect("waiting for a lock does not panic")?);
-            }
+            done = &mut torn_down => return done,
             () = tokio::time::sleep(grace) => {
-                if let Some(container) = &record.container_id {
+                if let Some(container) = record(ws, task)?.container_id {
                     let engine = Engine::connect(engine_address).await?;
-                    engine.kill(container).await?;
+                    engine.kill(&container).await?;
                 }
             }
         }
     }
-    torn_down
+    torn_down.await
+}
+
+/// Blocks (off the async threads) until no supervisor holds the task: it ended, or died.
+async fn until_unsupervised(ws: &Workspace, task: &TaskName) -> Result<(), ManageError> {
+    let state = ws.state.clone();
+    let name = task.clone();
+    tokio::task::spawn_blocking(move || state.wait_unsupervised(&name))
         .await
         .expect("waiting for a lock does not panic")?;
     Ok(())
@@ -347,34 +340,30 @@ pub async fn remove(
 /// Blocks until no supervisor holds the task any more (it ended, or died), then returns its record.
 pub async fn wait(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, ManageError> {
     record(ws, task)?;
-    let state = ws.state.clone();
-    let name = task.clone();
-    tokio::task::spawn_blocking(move || state.wait_unsupervised(&name))
-        .await
-        .expect("waiting for a lock does not panic")?;
+    until_unsupervised(ws, task).await?;
     record(ws, task)
 }
 
 /// Passes a stop signal to the task's supervisor as if it had been sent to its `agentbox run`: the
 /// first one asks for a graceful stop, a second one for a kill; the teardown follows either way.
-pub fn signal(
-    ws: &Workspace,
-    task: &TaskName,
-    signal: crate::supervisor::StopSignal,
-) -> Result<(), ManageError> {
-    record(ws, task)?;
+pub fn signal(ws: &Workspace, task: &TaskName, signal: StopSignal) -> Result<(), ManageError> {
+    let before = record(ws, task)?;
     if !ws.state.is_supervised(task)? {
-        let state = record(ws, task)?.state.as_str().to_owned();
+        let state = if before.state.is_active() {
+            "orphaned"
+        } else {
+            before.state.as_str()
+        };
         return Err(ManageError::NotRunning {
             task: task.clone(),
-            state,
+            state: state.to_owned(),
         });
     }
     // Read after the lock check, so the pid is the live supervisor's.
-    let record = record(ws, task)?;
+    let pid = record(ws, task)?.supervisor_pid;
     let signal = match signal {
-        crate::supervisor::StopSignal::Interrupt => rustix::process::Signal::INT,
-        crate::supervisor::StopSignal::Terminate => rustix::process::Signal::TERM,
+        StopSignal::Interrupt => rustix::process::Signal::INT,
+        StopSignal::Terminate => rustix::process::Signal::TERM,
     };
-    signal_supervisor(task, record.supervisor_pid, signal)
+    signal_supervisor(task, pid, signal)
 }
