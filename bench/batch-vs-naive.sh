@@ -75,7 +75,7 @@ side_a() {
   done
   [[ "$image" == "$bench_default_image" ]] || sed -i "s|^command = |image = \"$image\"\ncommand = |" "$file"
   /usr/bin/time -f %M -o "$tmp/out/$name.rss" \
-    "$AGENTBOX" batch --label "$label" --parallel "$n" "$file"
+    "$AGENTBOX" batch --keep-branch --label "$label" --parallel "$n" "$file"
 }
 
 # naive_one TASK: what a user writes by hand for one task. Leaves $tmp/out/TASK.fail when it fails.

@@ -37,7 +37,7 @@ agentbox_args=()
 
 # --- the two sides ------------------------------------------------------------------------------------
 side_a() { # agentbox
-  "$AGENTBOX" run --label "$label" "${agentbox_args[@]}" "$1" -- true
+  "$AGENTBOX" run --keep-branch --label "$label" "${agentbox_args[@]}" "$1" -- true
 }
 
 side_n() { # what a user writes by hand

@@ -61,7 +61,7 @@ bench_naive_paths "$svc_repo"
 
 # --- the three sides ----------------------------------------------------------------------------------
 side_s() { # agentbox, with a service, a setup step and a port
-  (cd "$svc_repo" && "$AGENTBOX" run --label "$label" "$1" -- true)
+  (cd "$svc_repo" && "$AGENTBOX" run --keep-branch --label "$label" "$1" -- true)
 }
 
 side_h() { # what a user writes by hand for the same
@@ -85,7 +85,7 @@ side_h() { # what a user writes by hand for the same
 }
 
 side_p() { # agentbox, plain
-  (cd "$plain_repo" && "$AGENTBOX" run --label "$label" "$1" -- true)
+  (cd "$plain_repo" && "$AGENTBOX" run --keep-branch --label "$label" "$1" -- true)
 }
 
 # check REPO TASK: what every side must leave behind (untimed): the branch; no worktree, container or

@@ -22,7 +22,7 @@
 # itself runs only when the file is executed.
 set -euo pipefail
 
-prog=images/build-base.sh
+prog="${AGENTBOX_BUILD_NAME:-images/build-base.sh}"
 suite=bookworm
 packages="git,ca-certificates,coreutils,bash,procps,less"
 

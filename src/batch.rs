@@ -5,14 +5,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use futures::StreamExt;
+use std::sync::Arc;
+
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{CommandSpec, EnvVar};
-use crate::docker::{Engine, Output};
-use crate::environment::PortMapping;
+use crate::config::{CommandSpec, EnvVar, LimitsConfig};
+use crate::git::snapshot::LeftOut;
+use crate::output::lines::{Line, LineSplitter};
+use crate::ports::PortMapping;
+use crate::runtime::{Output, Runtime};
 use crate::supervisor::{self, RunEvent, RunOutcome, RunRequest, StopLevel};
 use crate::task::TaskName;
 use crate::workspace::Workspace;
@@ -51,6 +54,8 @@ struct TaskEntry {
     image: Option<String>,
     #[serde(default)]
     env: IndexMap<String, String>,
+    #[serde(default)]
+    limits: LimitsConfig,
 }
 
 /// A task of a batch, checked.
@@ -61,6 +66,7 @@ pub struct BatchTask {
     pub base: Option<String>,
     pub image: Option<String>,
     pub env: Vec<EnvVar>,
+    pub limits: LimitsConfig,
 }
 
 impl BatchTask {
@@ -77,6 +83,7 @@ impl BatchTask {
             request.image = image.clone();
         }
         request.env.extend(self.env.iter().cloned());
+        request.apply_limits(&self.limits);
         request
     }
 }
@@ -145,6 +152,7 @@ pub fn parse_task_file(text: &str, path: &Path) -> Result<Vec<BatchTask>, BatchE
             base: entry.base,
             image: entry.image,
             env,
+            limits: entry.limits,
         });
     }
     Ok(tasks)
@@ -177,6 +185,10 @@ pub struct TaskResult {
     pub started: bool,
     /// Set when agentbox itself failed for this task.
     pub error: Option<String>,
+    /// Files too large for the snapshot; the worktree was kept for them.
+    pub left_out: Vec<LeftOut>,
+    /// The out-of-memory killer ended the command.
+    pub oom_killed: bool,
 }
 
 /// What happens in a batch, in order per task. Serialised as one JSON object per line with an
@@ -196,11 +208,13 @@ pub enum BatchEvent {
         task: String,
     },
     /// One whole line of output (without its newline); a last line without one is delivered when
-    /// the command exits.
+    /// the command exits. A line longer than 1 MiB comes in pieces, all but the last `continued`.
     Log {
         task: String,
         stream: Stream,
         line: String,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        continued: bool,
     },
     Exited {
         task: String,
@@ -246,26 +260,45 @@ pub fn exit_code(results: &[TaskResult]) -> i64 {
         .unwrap_or(0)
 }
 
-/// Runs every request, at most `parallel` at once, and returns their results in the order given.
-/// Events stream to `events` as they happen; a stop request stops the running tasks (each is torn
-/// down, its work kept) and keeps the waiting ones from starting.
+/// Runs every request, at most `parallel` at once, each on a task of its own (so one task's slow
+/// step never holds up another's), and returns their results in the order given. Events stream to
+/// `events` as they happen; a stop request stops the running tasks (each is torn down, its work
+/// kept) and keeps the waiting ones from starting.
 pub async fn run(
     ws: &Workspace,
-    engine: &Engine,
+    runtime: Arc<dyn Runtime>,
     requests: Vec<RunRequest>,
     parallel: usize,
     events: mpsc::Sender<Timed>,
     stop: watch::Receiver<StopLevel>,
 ) -> Vec<TaskResult> {
-    let runs = requests.into_iter().enumerate().map(|(position, request)| {
-        let events = events.clone();
-        let stop = stop.clone();
-        async move { (position, run_one(ws, engine, request, events, stop).await) }
-    });
-    let mut results: Vec<(usize, TaskResult)> = futures::stream::iter(runs)
-        .buffer_unordered(parallel.max(1))
-        .collect()
-        .await;
+    let slots = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+    let mut running = tokio::task::JoinSet::new();
+    for (position, request) in requests.into_iter().enumerate() {
+        let (ws, runtime, events, stop, slots) = (
+            ws.clone(),
+            Arc::clone(&runtime),
+            events.clone(),
+            stop.clone(),
+            Arc::clone(&slots),
+        );
+        // Slots are handed out in file order: a task starts only after every task before it.
+        let slot = slots
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        running.spawn(async move {
+            let _slot = slot;
+            (
+                position,
+                run_one(&ws, &*runtime, request, events, stop).await,
+            )
+        });
+    }
+    let mut results: Vec<(usize, TaskResult)> = Vec::new();
+    while let Some(joined) = running.join_next().await {
+        results.push(joined.expect("a batch task does not panic"));
+    }
     results.sort_by_key(|(position, _)| *position);
     let results: Vec<TaskResult> = results.into_iter().map(|(_, r)| r).collect();
     let summary = BatchEvent::Summary {
@@ -278,7 +311,7 @@ pub async fn run(
 
 async fn run_one(
     ws: &Workspace,
-    engine: &Engine,
+    runtime: &dyn Runtime,
     request: RunRequest,
     events: mpsc::Sender<Timed>,
     stop: watch::Receiver<StopLevel>,
@@ -296,6 +329,8 @@ async fn run_one(
         snapshot_commit: None,
         started,
         error,
+        left_out: Vec::new(),
+        oom_killed: false,
     };
     // Copied out: a borrow held across the run below would block the sender of a stop request.
     let level = *stop.borrow();
@@ -309,7 +344,7 @@ async fn run_one(
             let (run_events, run_events_rx) = mpsc::channel(256);
             let forward =
                 tokio::spawn(forward(request.task.clone(), run_events_rx, events.clone()));
-            let outcome = supervisor::run(ws, engine, request, run_events, stop.clone()).await;
+            let outcome = supervisor::run(ws, runtime, request, run_events, stop.clone()).await;
             let started = forward.await.unwrap_or(false);
             match outcome {
                 Ok(outcome) => from_outcome(&task, outcome, started),
@@ -344,17 +379,19 @@ fn from_outcome(task: &str, outcome: RunOutcome, started: bool) -> TaskResult {
             .map(|s| i64::from(s.exit_code()))
             .unwrap_or(outcome.exit_code),
         duration_ms: 0,
-        branch: Some(summary.branch),
+        branch: (!summary.branch_deleted).then_some(summary.branch),
         commits_ahead: summary.commits_ahead,
         files_changed: summary.files_changed,
         snapshot_commit: summary.snapshot_commit,
         started,
-        error: None,
+        error: (!summary.problems.is_empty()).then(|| summary.problems.join("; ")),
+        left_out: summary.left_out,
+        oom_killed: outcome.oom_killed,
     }
 }
 
-/// Turns one task's run events into batch events, cutting output into whole lines. Returns whether
-/// the command started.
+/// Turns one task's run events into batch events, cutting output into whole lines (each byte
+/// looked at once, at most 1 MiB held per stream). Returns whether the command started.
 async fn forward(
     name: TaskName,
     mut run_events: mpsc::Receiver<RunEvent>,
@@ -362,7 +399,9 @@ async fn forward(
 ) -> bool {
     let task = name.to_string();
     let mut started = false;
-    let mut partial: HashMap<bool, Vec<u8>> = HashMap::new();
+    let mut stdout = LineSplitter::default();
+    let mut stderr = LineSplitter::default();
+    let mut lines = Vec::new();
     let send = |event| events.send(Timed::now(event));
     while let Some(event) = run_events.recv().await {
         let batch_event = match event {
@@ -382,28 +421,23 @@ async fn forward(
                 BatchEvent::Started { task: task.clone() }
             }
             RunEvent::Output(output) => {
-                let (is_stderr, bytes) = match &output {
-                    Output::Stdout(b) => (false, b),
-                    Output::Stderr(b) => (true, b),
+                let (stream, splitter, bytes) = match &output {
+                    Output::Stdout(b) => (Stream::Stdout, &mut stdout, b),
+                    Output::Stderr(b) => (Stream::Stderr, &mut stderr, b),
+                    Output::NotStarted { .. } => continue,
                 };
-                let buffer = partial.entry(is_stderr).or_default();
-                buffer.extend_from_slice(bytes);
-                let mut lines = Vec::new();
-                while let Some(newline) = buffer.iter().position(|&b| b == b'\n') {
-                    let rest = buffer.split_off(newline + 1);
-                    let mut line = std::mem::replace(buffer, rest);
-                    line.pop();
-                    lines.push(line);
-                }
-                for line in lines {
-                    let _ = send(log_event(&task, is_stderr, &line)).await;
+                splitter.push_into(bytes, &mut lines);
+                for line in lines.drain(..) {
+                    let _ = send(log_event(&task, stream, line)).await;
                 }
                 continue;
             }
             RunEvent::Exited { exit_code } => {
-                for (is_stderr, rest) in partial.drain() {
-                    if !rest.is_empty() {
-                        let _ = send(log_event(&task, is_stderr, &rest)).await;
+                for (stream, splitter) in
+                    [(Stream::Stdout, &mut stdout), (Stream::Stderr, &mut stderr)]
+                {
+                    if let Some(rest) = splitter.finish() {
+                        let _ = send(log_event(&task, stream, rest)).await;
                     }
                 }
                 BatchEvent::Exited {
@@ -411,23 +445,34 @@ async fn forward(
                     exit_code,
                 }
             }
-            RunEvent::Stopping { .. } | RunEvent::StartFailed { .. } => continue,
+            RunEvent::StartFailed { message } | RunEvent::Warning { message } => BatchEvent::Log {
+                task: task.clone(),
+                stream: Stream::Stderr,
+                line: format!("agentbox: {message}"),
+                continued: false,
+            },
+            RunEvent::OutOfMemory { limit } => BatchEvent::Log {
+                task: task.clone(),
+                stream: Stream::Stderr,
+                line: format!(
+                    "agentbox: {}",
+                    supervisor::out_of_memory_message(&name, limit)
+                ),
+                continued: false,
+            },
+            RunEvent::Stopping { .. } => continue,
         };
         let _ = send(batch_event).await;
     }
     started
 }
 
-fn log_event(task: &str, is_stderr: bool, line: &[u8]) -> BatchEvent {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
+fn log_event(task: &str, stream: Stream, line: Line) -> BatchEvent {
     BatchEvent::Log {
         task: task.to_owned(),
-        stream: if is_stderr {
-            Stream::Stderr
-        } else {
-            Stream::Stdout
-        },
-        line: String::from_utf8_lossy(line).into_owned(),
+        stream,
+        line: String::from_utf8_lossy(&line.bytes).into_owned(),
+        continued: line.continued,
     }
 }
 
@@ -446,21 +491,29 @@ pub async fn write_artifacts(
     std::fs::create_dir_all(&task_dir).map_err(io(&task_dir))?;
     let name = TaskName::parse(&result.task).expect("results carry validated names");
     let log = task_dir.join("log.txt");
-    match std::fs::copy(ws.state.log_path(&name), &log) {
-        Ok(_) => {}
-        // A task that never started has no log; an empty one says so plainly.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::write(&log, b"").map_err(io(&log))?;
-        }
-        Err(e) => return Err(io(&log)(e)),
-    }
+    let mut file = std::fs::File::create(&log).map_err(io(&log))?;
+    // A task that never started has no log; an empty file says so plainly.
+    crate::output::log::LogReader::new(&ws.state.log_path(&name))
+        .read_available(&mut file)
+        .map_err(|e| io(&log)(std::io::Error::other(e.to_string())))?;
     let patch_path = task_dir.join("changes.patch");
     let patch = match ws.state.read(&name) {
         Ok(Some(record)) if ws.repo.branch_tip(&record.branch).ok().flatten().is_some() => {
             let tip = format!("refs/heads/{}", record.branch);
-            ws.git()
-                .diff(None, &record.base_commit, Some(&tip), false)
+            let args = [
+                "diff",
+                "--no-color",
+                "--no-ext-diff",
+                "--no-textconv",
+                "--binary",
+                &record.base_commit,
+                &tip,
+            ];
+            ws.repo
+                .git()
+                .run(&args)
                 .await
+                .map(|out| out.stdout)
                 .unwrap_or_default()
         }
         _ => Vec::new(),
@@ -550,6 +603,8 @@ command = ["cargo", "clippy"]
             snapshot_commit: None,
             started: true,
             error: None,
+            left_out: Vec::new(),
+            oom_killed: false,
         };
         assert_eq!(exit_code(&[result("a", 0), result("b", 0)]), 0);
         assert_eq!(

@@ -81,6 +81,12 @@ impl Default for PortRange {
     }
 }
 
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
 impl std::fmt::Display for PortRange {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}-{}", self.first, self.last)
@@ -113,6 +119,138 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+/// `[limits]`: what one task (and each of its services) may use. Docker's spellings and units.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// `"1.5"` or `1.5`: CPUs the task may use.
+    pub cpus: Option<Cpus>,
+    /// `"2g"`, `"512m"`: memory (and memory plus swap) the task may use.
+    pub memory: Option<Bytes>,
+    /// Processes and threads the task may run at once; `-1` or `0` is no limit.
+    pub pids: Option<i64>,
+}
+
+/// A size in bytes written with docker's units (`512m`, `2g`, `1.5GiB`, or a bare number of bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bytes(pub u64);
+
+impl std::str::FromStr for Bytes {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "{s:?} is not a size: write a number with an optional unit b, k, m, g or t (\"512m\", \"2g\")"
+            )
+        };
+        let text = s.trim().to_ascii_lowercase();
+        let digits_end = text
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(digits_end);
+        let number: f64 = number.parse().map_err(|_| bad())?;
+        let unit = unit.trim();
+        let unit = unit.strip_suffix('b').unwrap_or(unit);
+        let unit = unit.strip_suffix('i').unwrap_or(unit);
+        let multiplier: u64 = match unit {
+            "" => 1,
+            "k" => 1 << 10,
+            "m" => 1 << 20,
+            "g" => 1 << 30,
+            "t" => 1 << 40,
+            _ => return Err(bad()),
+        };
+        let bytes = number * multiplier as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(bad());
+        }
+        Ok(Self(bytes as u64))
+    }
+}
+
+impl std::fmt::Display for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let units = [
+            (1u64 << 40, "TiB"),
+            (1 << 30, "GiB"),
+            (1 << 20, "MiB"),
+            (1 << 10, "KiB"),
+        ];
+        for (size, name) in units {
+            if self.0 >= size {
+                let value = self.0 as f64 / size as f64;
+                return if value.fract() == 0.0 {
+                    write!(f, "{value:.0} {name}")
+                } else {
+                    write!(f, "{value:.1} {name}")
+                };
+            }
+        }
+        write!(f, "{} bytes", self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Bytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Self(n)),
+            Raw::Text(text) => text.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// A number of CPUs (`1.5`), kept as billionths as the engine wants it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cpus(pub u64);
+
+impl std::str::FromStr for Cpus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let value: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number of CPUs (write \"1.5\")"))?;
+        if !(value > 0.0 && value <= 1024.0) {
+            return Err(format!("{s:?} CPUs: write a number above 0"));
+        }
+        Ok(Self((value * 1e9).round() as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for Cpus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+        }
+        let text = match Raw::deserialize(d)? {
+            Raw::Number(n) => n.to_string(),
+            Raw::Text(text) => text,
+        };
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// `network` of `agentbox.toml`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkSetting {
+    /// A network of the task's own (with its services), with outbound access (the default).
+    Bridge,
+    /// No network at all: loopback only.
+    None,
+    /// Refused: it would put the task on the host's network, beside every other task.
+    Host,
+}
+
 /// The contents of `agentbox.toml`. Every key is optional; an unknown key is an error.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +275,17 @@ pub struct ProjectConfig {
     pub env_file_name: Option<String>,
     #[serde(default)]
     pub services: IndexMap<String, ServiceConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    pub network: Option<NetworkSetting>,
+    /// The most a task's log keeps (the first and the last half of it).
+    pub log_max: Option<Bytes>,
+    /// Files larger than this are not put into a snapshot commit (the worktree is kept instead).
+    pub snapshot_max_file_size: Option<Bytes>,
+    /// `run` and `batch` refuse to start when the checkout has uncommitted changes (which a task,
+    /// starting from the base commit, would not see), instead of saying so.
+    #[serde(default)]
+    pub refuse_dirty_checkout: bool,
 }
 
 impl ProjectConfig {
@@ -148,16 +297,25 @@ impl ProjectConfig {
         };
         let config: Self =
             toml::from_str(text).map_err(|e| invalid(e.to_string().trim().to_owned()))?;
-        for name in config.ports.keys() {
-            check_port_name(name).map_err(|m| invalid(format!("[ports] {m}")))?;
-        }
+        check_ports(&config.ports).map_err(|m| invalid(format!("[ports] {m}")))?;
         for (service, spec) in &config.services {
             check_service_name(service)
                 .map_err(|m| invalid(format!("[services.{service}] {m}")))?;
-            for name in spec.ports.keys() {
-                check_port_name(name)
-                    .map_err(|m| invalid(format!("[services.{service}.ports] {m}")))?;
+            check_ports(&spec.ports)
+                .map_err(|m| invalid(format!("[services.{service}.ports] {m}")))?;
+        }
+        match config.network {
+            Some(NetworkSetting::Host) => {
+                return Err(invalid(
+                    "network = \"host\" is refused: a task on the host's network could reach every other task and every service of the machine; use \"bridge\" (the default) or \"none\"".into(),
+                ));
             }
+            Some(NetworkSetting::None) if !config.services.is_empty() => {
+                return Err(invalid(
+                    "network = \"none\" leaves no way to reach the [services]; remove one or the other".into(),
+                ));
+            }
+            _ => {}
         }
         for key in config.env.keys() {
             check_env_key(key).map_err(|m| invalid(format!("[env] {m}")))?;
@@ -167,9 +325,9 @@ impl ProjectConfig {
         }
         if let Some(name) = &config.env_file_name {
             let single = Path::new(name).components().count() == 1;
-            if !single || relative_inside(name).is_err() {
+            if !single || relative_inside(name).is_err() || name == ".git" {
                 return Err(invalid(format!(
-                    "env_file_name {name:?} must be a plain file name"
+                    "env_file_name {name:?} must be a plain file name (and not .git)"
                 )));
             }
         }
@@ -187,6 +345,25 @@ impl ProjectConfig {
             }),
         }
     }
+}
+
+/// A port table: valid names, no port 0, no container port under two names.
+fn check_ports(ports: &IndexMap<String, u16>) -> Result<(), String> {
+    let mut seen: BTreeMap<u16, &str> = BTreeMap::new();
+    for (name, port) in ports {
+        check_port_name(name)?;
+        if *port == 0 {
+            return Err(format!(
+                "{name} = 0: name the port the program listens on (1-65535)"
+            ));
+        }
+        if let Some(first) = seen.insert(*port, name) {
+            return Err(format!(
+                "{first} and {name} both name container port {port}; one name per port"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Port names become `AGENTBOX_PORT_<NAME>` and `${port.<name>}`.
@@ -453,6 +630,13 @@ command = ["postgres", "-c", "fsync=off"]
             "[ports]\n\"Web\" = 1",
             "[services.\"a b\"]\nimage = \"x\"",
             "env_file_name = \"dir/x\"",
+            "env_file_name = \".git\"",
+            "[ports]\nweb = 0",
+            "[ports]\nweb = 3000\nalso = 3000",
+            "network = \"host\"",
+            "network = \"none\"\n[services.db]\nimage = \"x\"",
+            "[limits]\nmemory = \"lots\"",
+            "[limits]\ncpus = 0",
             "port_range = \"3-1\"",
         ] {
             assert!(
@@ -461,6 +645,29 @@ command = ["postgres", "-c", "fsync=off"]
             );
         }
         assert_eq!(relative_inside("./a/b").unwrap(), PathBuf::from("a/b"));
+    }
+
+    #[test]
+    fn sizes_and_cpus_take_dockers_units() {
+        assert_eq!("512m".parse::<Bytes>(), Ok(Bytes(512 << 20)));
+        assert_eq!("2g".parse::<Bytes>(), Ok(Bytes(2 << 30)));
+        assert_eq!("2GiB".parse::<Bytes>(), Ok(Bytes(2 << 30)));
+        assert_eq!("1.5G".parse::<Bytes>(), Ok(Bytes(3 << 29)));
+        assert_eq!("100".parse::<Bytes>(), Ok(Bytes(100)));
+        assert!("2x".parse::<Bytes>().is_err());
+        assert_eq!(Bytes(2 << 30).to_string(), "2 GiB");
+        assert_eq!(Bytes(3 << 29).to_string(), "1.5 GiB");
+        assert_eq!("1.5".parse::<Cpus>(), Ok(Cpus(1_500_000_000)));
+        let config = ProjectConfig::parse(
+            "network = \"none\"\nlog_max = \"10m\"\n[limits]\ncpus = 2\nmemory = \"1g\"\npids = 100\n",
+            path(),
+        )
+        .unwrap();
+        assert_eq!(config.limits.cpus, Some(Cpus(2_000_000_000)));
+        assert_eq!(config.limits.memory, Some(Bytes(1 << 30)));
+        assert_eq!(config.limits.pids, Some(100));
+        assert_eq!(config.network, Some(NetworkSetting::None));
+        assert_eq!(config.log_max, Some(Bytes(10 << 20)));
     }
 
     #[test]

@@ -3,28 +3,14 @@
 //! as its environment and as an env file in the worktree; secrets never reach agentbox's records.
 
 use std::collections::BTreeMap;
-use std::fs::{self, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use indexmap::IndexMap;
 
 use crate::config::{ConfigError, EnvVar, TemplateContext, expand};
+use crate::fs_guard::{GuardError, GuardedDir};
 use crate::git::Identity;
-
-/// A port of the task or of one of its services: where it listens inside, where it is on the host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PortMapping {
-    pub container: u16,
-    pub host: u16,
-}
-
-impl PortMapping {
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.host)
-    }
-}
+use crate::ports::PortMapping;
 
 /// Everything the environment is made of, in increasing precedence.
 pub struct EnvSources<'a> {
@@ -138,50 +124,20 @@ pub fn masked(vars: &[EnvVar]) -> Vec<(String, Option<String>)> {
         .collect()
 }
 
-/// Writes the env file (mode 0600: it may hold secrets) in `--env-file` format. Values with a
-/// newline cannot be expressed in that format and are left out of the file (they still reach the
-/// container's environment).
-pub fn write_env_file(path: &Path, vars: &[EnvVar]) -> io::Result<()> {
+/// Writes the env file (mode 0600: it may hold secrets) in `--env-file` format at `name` in the
+/// worktree, never through a symlink the task may have committed there. Values with a newline cannot
+/// be expressed in that format and are left out of the file (they still reach the container's
+/// environment).
+pub fn write_env_file(
+    worktree: &GuardedDir,
+    name: &str,
+    vars: &[EnvVar],
+) -> Result<(), GuardError> {
     let mut text = String::from("# written by agentbox for this task; not committed\n");
     for var in vars.iter().filter(|v| !v.value.contains('\n')) {
         text.push_str(&format!("{}={}\n", var.key, var.value));
     }
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(text.as_bytes())
-}
-
-/// Makes git ignore `name` at the root of every worktree of the repository, through the common
-/// dir's `info/exclude`, so that neither the task nor a snapshot commits the env file.
-pub fn exclude_from_git(common_dir: &Path, name: &str) -> io::Result<PathBuf> {
-    let info = common_dir.join("info");
-    fs::create_dir_all(&info)?;
-    let exclude = info.join("exclude");
-    let pattern = format!("/{name}");
-    let existing = match fs::read_to_string(&exclude) {
-        Ok(text) => text,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e),
-    };
-    if !existing.lines().any(|line| line.trim() == pattern) {
-        let mut file = OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&exclude)?;
-        let separator = if existing.is_empty() || existing.ends_with('\n') {
-            ""
-        } else {
-            "\n"
-        };
-        file.write_all(
-            format!("{separator}# agentbox's per-task env file\n{pattern}\n").as_bytes(),
-        )?;
-    }
-    Ok(exclude)
+    worktree.write_file(Path::new(name), text.as_bytes(), 0o600)
 }
 
 #[cfg(test)]
@@ -246,24 +202,27 @@ mod tests {
     }
 
     #[test]
-    fn env_file_is_private_and_excluded_once() {
+    fn env_file_is_private_and_never_written_through_a_symlink() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join(".env.agentbox");
+        let outside = tempfile::tempdir().unwrap();
         let vars = [EnvVar {
             key: "A".into(),
             value: "1".into(),
             secret: true,
         }];
-        write_env_file(&file, &vars).unwrap();
+        let worktree = GuardedDir::open(dir.path()).unwrap();
+        write_env_file(&worktree, ".env.agentbox", &vars).unwrap();
+        let file = dir.path().join(".env.agentbox");
         assert_eq!(
-            fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+            std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
             0o600
         );
-        assert!(fs::read_to_string(&file).unwrap().contains("\nA=1\n"));
-        let exclude = exclude_from_git(dir.path(), ".env.agentbox").unwrap();
-        exclude_from_git(dir.path(), ".env.agentbox").unwrap();
-        let text = fs::read_to_string(exclude).unwrap();
-        assert_eq!(text.matches("/.env.agentbox").count(), 1, "{text}");
+        assert!(std::fs::read_to_string(&file).unwrap().contains("\nA=1\n"));
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("stolen"), &file).unwrap();
+        let err = write_env_file(&worktree, ".env.agentbox", &vars).unwrap_err();
+        assert!(matches!(err, GuardError::Symlink { .. }), "{err}");
+        assert!(!outside.path().join("stolen").exists());
     }
 }

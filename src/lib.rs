@@ -1,5 +1,5 @@
 //! agentbox: a container-plus-worktree runtime. Each task gets its own git worktree on its own branch,
-//! bind-mounted into its own Docker container; a supervisor streams its output, waits for it and tears
+//! bind-mounted into its own container; a supervisor streams its output, waits for it and tears
 //! everything down again while keeping every byte of the task's work on its branch.
 //!
 //! The library never prints and never reads the environment: the binary passes in what it needs
@@ -7,16 +7,21 @@
 
 pub mod batch;
 pub mod config;
+pub mod control;
+pub mod copy;
 pub mod docker;
 pub mod environment;
-pub mod gc;
+pub mod fs_guard;
 pub mod git;
-pub mod manage;
+pub mod inspect;
+pub mod output;
 pub mod ports;
-pub mod sandbox;
+pub mod recovery;
+pub mod runtime;
 pub mod state;
 pub mod supervisor;
 pub mod task;
+pub mod teardown;
 pub mod workspace;
 
 pub use supervisor::{RunEvent, RunOutcome, RunRequest, StopLevel};

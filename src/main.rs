@@ -8,10 +8,7 @@ fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let parsed = match cli::Cli::try_parse_from(&args) {
         Ok(parsed) => parsed,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(cli::usage_exit_code(&e, &args));
-        }
+        Err(e) => return ExitCode::from(cli::usage_error(&e, &args)),
     };
     let env = cli::Env::from_process();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

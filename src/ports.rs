@@ -35,6 +35,19 @@ pub enum PortError {
     },
 }
 
+/// A port of the task or of one of its services: where it listens inside, where it is on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    pub container: u16,
+    pub host: u16,
+}
+
+impl PortMapping {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.host)
+    }
+}
+
 /// Who holds a reservation: one task of one repository.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Owner {

@@ -20,10 +20,18 @@ pub enum StateError {
         path: PathBuf,
         source: io::Error,
     },
-    #[error("task record {} is corrupt: {source}", path.display())]
+    #[error(
+        "task record {} is damaged ({source}); move it away to let agentbox forget the task (its branch stays)",
+        path.display()
+    )]
     Corrupt {
         path: PathBuf,
         source: serde_json::Error,
+    },
+    #[error("the record of task {task} is damaged: {what}")]
+    Damaged {
+        task: crate::task::TaskName,
+        what: String,
     },
 }
 
@@ -99,8 +107,24 @@ impl StateDir {
         self.tasks_dir().join(format!("{name}.lock"))
     }
 
+    /// The task's log: a directory of segments (see [`crate::output::log`]).
     pub fn log_path(&self, name: &TaskName) -> PathBuf {
-        self.root.join("logs").join(format!("{name}.log"))
+        self.root.join("logs").join(name.as_str())
+    }
+
+    /// The task's own git dir, mounted into its container (and nothing else of the state dir is).
+    pub fn task_git_dir(&self, name: &TaskName) -> PathBuf {
+        self.git_dirs_root().join(name.as_str())
+    }
+
+    /// The directory holding every task's own git dir.
+    pub fn git_dirs_root(&self) -> PathBuf {
+        self.root.join("git")
+    }
+
+    /// agentbox's scratch git dir for the task; never mounted anywhere.
+    pub fn scratch_dir(&self, name: &TaskName) -> PathBuf {
+        self.root.join("scratch").join(name.as_str())
     }
 
     fn ensure_dirs(&self) -> Result<(), StateError> {
@@ -122,11 +146,60 @@ impl StateDir {
     }
 
     /// Takes the task for this process, or returns `None` when a live supervisor already holds it.
+    ///
+    /// Others look at the lock for a moment to learn whether the task is supervised
+    /// ([`is_supervised`](Self::is_supervised)); a claim that meets one of those glances tries again
+    /// for a little while, so that only a real supervisor makes it fail.
     pub fn try_claim(&self, name: &TaskName) -> Result<Option<TaskClaim>, StateError> {
+        const ATTEMPTS: u32 = 50;
+        for attempt in 1..=ATTEMPTS {
+            match self.try_lock_once(name)? {
+                Some(claim) => return Ok(Some(claim)),
+                None if attempt == ATTEMPTS => return Ok(None),
+                None => std::thread::sleep(std::time::Duration::from_millis(2)),
+            }
+        }
+        Ok(None)
+    }
+
+    fn try_lock_once(&self, name: &TaskName) -> Result<Option<TaskClaim>, StateError> {
+        loop {
+            let file = self.open_lock(name)?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => return Ok(None),
+                Err(TryLockError::Error(source)) => {
+                    return Err(StateError::Io {
+                        action: "lock",
+                        path: self.lock_path(name),
+                        source,
+                    });
+                }
+            }
+            // The holder of an earlier claim may have removed the task (and its lock file) while we
+            // waited: a lock on a file that is no longer at the path proves nothing. Open it again.
+            if self.is_current_lock(name, &file) {
+                return Ok(Some(TaskClaim { _lock: file }));
+            }
+        }
+    }
+
+    fn is_current_lock(&self, name: &TaskName, file: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (fs::metadata(self.lock_path(name)), file.metadata()) {
+            (Ok(at_path), Ok(held)) => at_path.ino() == held.ino() && at_path.dev() == held.dev(),
+            _ => false,
+        }
+    }
+
+    /// Whether a live process supervises the task. The look takes a shared lock for an instant,
+    /// which only a supervisor's exclusive one keeps out, so lookers never mistake each other for a
+    /// supervisor; a claim that meets a look tries again ([`try_claim`](Self::try_claim)).
+    pub fn is_supervised(&self, name: &TaskName) -> Result<bool, StateError> {
         let file = self.open_lock(name)?;
-        match file.try_lock() {
-            Ok(()) => Ok(Some(TaskClaim { _lock: file })),
-            Err(TryLockError::WouldBlock) => Ok(None),
+        match file.try_lock_shared() {
+            Ok(()) => Ok(false),
+            Err(TryLockError::WouldBlock) => Ok(true),
             Err(TryLockError::Error(source)) => Err(StateError::Io {
                 action: "lock",
                 path: self.lock_path(name),
@@ -135,17 +208,18 @@ impl StateDir {
         }
     }
 
-    /// Whether a live process supervises the task.
-    pub fn is_supervised(&self, name: &TaskName) -> Result<bool, StateError> {
-        Ok(self.try_claim(name)?.is_none())
-    }
-
     /// Blocks until no process supervises the task any more (its supervisor finished or died).
     pub fn wait_unsupervised(&self, name: &TaskName) -> Result<(), StateError> {
-        let file = self.open_lock(name)?;
-        file.lock()
-            .map_err(io_error("wait for the lock", &self.lock_path(name)))?;
-        Ok(())
+        loop {
+            let file = self.open_lock(name)?;
+            file.lock_shared()
+                .map_err(io_error("wait for the lock", &self.lock_path(name)))?;
+            // A lock file removed with the task while we waited: the task is not supervised, but a
+            // new run may have started on a new lock file; look at that one.
+            if self.is_current_lock(name, &file) || !self.lock_path(name).exists() {
+                return Ok(());
+            }
+        }
     }
 
     pub fn read(&self, name: &TaskName) -> Result<Option<TaskRecord>, StateError> {
@@ -157,6 +231,15 @@ impl StateDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("read", &path)(e)),
         }
+    }
+
+    /// [`write`](Self::write) on a blocking thread: it syncs the file to disk, which must not stall
+    /// the other tasks an async caller drives.
+    pub async fn save(&self, record: &TaskRecord) -> Result<(), StateError> {
+        let (state, record) = (self.clone(), record.clone());
+        tokio::task::spawn_blocking(move || state.write(&record))
+            .await
+            .expect("writing a record does not panic")
     }
 
     /// Replaces the task's record atomically, so a reader never sees half a record.
@@ -175,12 +258,13 @@ impl StateDir {
     /// may: nobody else can be using the lock file then. (A process that opened it just before it
     /// goes finds the task busy once, which is true.)
     pub fn remove(&self, name: &TaskName, _claim: &TaskClaim) -> Result<(), StateError> {
-        let paths = [
-            self.record_path(name),
-            self.log_path(name),
-            self.lock_path(name),
-        ];
-        for path in paths {
+        let log = self.log_path(name);
+        match fs::remove_dir_all(&log) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_error("remove", &log)(e)),
+        }
+        for path in [self.record_path(name), self.lock_path(name)] {
             match fs::remove_file(&path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -245,9 +329,10 @@ mod tests {
             error: None,
             ports: Default::default(),
             env: Vec::new(),
-            services: Vec::new(),
-            network: None,
             own_files: Vec::new(),
+            left_out: Vec::new(),
+            oom_killed: false,
+            memory_limit: None,
         }
     }
 

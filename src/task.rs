@@ -7,7 +7,8 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use crate::environment::PortMapping;
+use crate::git::snapshot::LeftOut;
+use crate::ports::PortMapping;
 
 /// Longest task name accepted: short enough to fit in a container name next to the repo id, a branch
 /// name and a single path component on every filesystem.
@@ -121,6 +122,19 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// Whether a new run of the task may start from a record in this state (once whatever an earlier
+    /// run left behind is recovered). A kept task waits for `agentbox rm`.
+    pub fn can_start(self) -> bool {
+        self != Self::Kept
+    }
+
+    /// Whether the worktree may still be committed as a snapshot: not before its checkout is known
+    /// to be complete (`creating`: a half checkout would commit the missing files as deletions), and
+    /// not once its removal has begun.
+    pub fn can_snapshot(self) -> bool {
+        !matches!(self, Self::Creating | Self::RemovingWorktree)
+    }
+
     /// Whether a supervisor owns the task in this state; a record in such a state without a live
     /// supervisor was left by a run that died.
     pub fn is_active(self) -> bool {
@@ -182,15 +196,19 @@ pub struct TaskRecord {
     /// replaced by `None`: agentbox never stores them.
     #[serde(default)]
     pub env: Vec<(String, Option<String>)>,
-    /// The sidecar service containers and the per-task network, by name.
-    #[serde(default)]
-    pub services: Vec<String>,
-    #[serde(default)]
-    pub network: Option<String>,
     /// Files agentbox itself put into the worktree (the env file, copied files): a snapshot never
     /// commits them.
     #[serde(default)]
     pub own_files: Vec<String>,
+    /// Files too large for the snapshot; while there are any, the worktree is kept.
+    #[serde(default)]
+    pub left_out: Vec<LeftOut>,
+    /// The out-of-memory killer ended the command.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// The task's memory limit in bytes, if it had one.
+    #[serde(default)]
+    pub memory_limit: Option<u64>,
 }
 
 #[cfg(test)]
@@ -238,6 +256,15 @@ mod tests {
     #[test]
     fn branch_is_namespaced() {
         assert_eq!(TaskName::parse("t1").unwrap().branch(), "agentbox/t1");
+    }
+
+    #[test]
+    fn transitions_are_methods_of_the_state() {
+        assert!(!TaskState::Kept.can_start());
+        assert!(TaskState::Recovered.can_start());
+        assert!(!TaskState::Creating.can_snapshot());
+        assert!(!TaskState::RemovingWorktree.can_snapshot());
+        assert!(TaskState::Running.can_snapshot());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{CONFIG_FILE, ConfigError, ProjectConfig};
-use crate::git::{GitCli, GitError, Repo};
+use crate::git::{GitError, Repo, TaskDirs};
 use crate::ports::PortLedger;
 use crate::state::{StateDir, repo_id};
 use crate::task::TaskName;
@@ -74,16 +74,23 @@ impl Workspace {
         self.worktree_root.join(task.as_str())
     }
 
-    /// The git CLI for this repository, taking turns with every other agentbox process on worktree
-    /// administration.
-    pub fn git(&self) -> GitCli {
-        self.repo
-            .cli()
-            .with_worktree_lock(self.state.root().join("worktrees.lock"))
+    /// Where the task's worktree (at `worktree`, as its record says) and its git dirs are.
+    pub fn task_dirs(&self, task: &TaskName, worktree: &Path) -> TaskDirs {
+        TaskDirs {
+            worktree: worktree.to_owned(),
+            git_dir: self.state.task_git_dir(task),
+            scratch: self.state.scratch_dir(task),
+            branch: task.branch(),
+        }
     }
 
     pub fn container_name(&self, task: &TaskName) -> String {
         format!("agentbox-{}-{task}", self.repo_id)
+    }
+
+    /// The network the repository's tasks without services share (see [`crate::runtime::NetworkSpec`]).
+    pub fn shared_network_name(&self) -> String {
+        format!("agentbox-{}--isolated", self.repo_id)
     }
 }
 
@@ -107,7 +114,9 @@ fn lexically_normal(path: &Path) -> PathBuf {
 /// worktrees, or next to a normal clone, and separate per repository.
 fn default_worktree_root(repo: &Repo) -> PathBuf {
     let parent = repo.repo_dir.parent().unwrap_or(&repo.repo_dir);
-    parent.join(".agentbox-worktrees").join(&repo.name)
+    parent
+        .join(crate::git::task_dirs::DEFAULT_WORKTREES_DIR)
+        .join(&repo.name)
 }
 
 #[cfg(test)]

@@ -57,18 +57,20 @@ env = { LEVEL = "level-two" }
         .skip_while(|l| !l.starts_with("TASK"))
         .collect();
     assert_eq!(table.len(), 4, "header and one row per task: {out}");
-    for (row, (task, code)) in
-        table[1..]
-            .iter()
-            .zip([("pass", "0"), ("fail3", "3"), ("fail4", "4")])
-    {
+    // A task that changed nothing leaves no branch: `-`.
+    for (row, (task, code, branch)) in table[1..].iter().zip([
+        ("pass", "0", "agentbox/pass"),
+        ("fail3", "3", "-"),
+        ("fail4", "4", "-"),
+    ]) {
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells[0], task, "{row}");
         assert_eq!(cells[1], code, "{row}");
-        assert_eq!(cells[5], format!("agentbox/{task}"), "{row}");
+        assert_eq!(cells[5], branch, "{row}");
     }
 
     env.assert_snapshot_holds("pass", "pass.txt", "work\n");
+    assert_eq!(env.task_branches(), ["agentbox/pass"], "{out}");
     for task in ["pass", "fail3", "fail4"] {
         env.assert_torn_down(task);
         let dir = artifacts.join(task);

@@ -29,6 +29,9 @@ fn ls_json_describes_a_finished_task() {
         "finished_at",
         "image",
         "command",
+        "ports",
+        "left_out",
+        "oom_killed",
     ] {
         assert!(obj.contains_key(key), "key {key:?} missing: {rec}");
     }
@@ -59,6 +62,8 @@ fn ls_json_describes_a_finished_task() {
     }
     assert_eq!(rec["image"], IMAGE);
     assert_eq!(rec["command"], serde_json::json!(["sh", "-c", "exit 0"]));
+    assert_eq!(rec["left_out"], serde_json::json!([]));
+    assert_eq!(rec["oom_killed"], false);
 }
 
 #[test]
@@ -175,9 +180,13 @@ fn rm_delete_branch_deletes_the_branch() {
         "doomed",
     ])
     .expect_code(0);
-    assert!(env.branch_exists("agentbox/del"));
+    let tip = env.rev("agentbox/del").expect("branch agentbox/del");
 
-    env.output(["rm", "--delete-branch", "del"]).expect_code(0);
+    let rm = env.output(["rm", "--delete-branch", "del"]);
+    rm.expect_code(0);
+    rm.expect_stderr_contains(&format!(
+        "deleted refs/heads/agentbox/del (was {tip}; `git update-ref refs/heads/agentbox/del {tip}` restores it)"
+    ));
     assert!(!env.branch_exists("agentbox/del"), "branch deleted");
     assert!(env.ls_task("del").is_none());
     assert_eq!(env.branches(), ["main"], "other branches untouched");

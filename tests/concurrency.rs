@@ -1,12 +1,11 @@
 //! Many tasks in one repository at the same time: runs started all at once, a `git worktree prune`
-//! inside one task's container while another task runs, and `ls`/`gc` while several tasks run.
+//! and `git gc --prune=now` inside one task's container while another task runs, and `ls`/`gc`
+//! while several tasks run.
 //!
-//! Tasks that must stay alive wait (inside their container) for a marker file in the git common dir,
-//! which every task of the repository has mounted; the test creates it on the host to release them.
+//! Tasks that must stay alive wait (inside their container) for the release file in their own
+//! worktree ([`wait_for_release`]); the test creates it on the host to release them.
 
 mod common;
-
-use std::path::PathBuf;
 
 use common::*;
 
@@ -24,17 +23,12 @@ fn assert_no_race_messages(task: &str, out: &Out) {
     }
 }
 
-/// `<common dir>/marker-<task>`: the file that releases a task started with [`held`].
-fn marker(env: &TestEnv, task: &str) -> PathBuf {
-    env.common_dir().join(format!("marker-{task}"))
-}
-
-/// A task command that says `ready`, waits for its marker, then leaves `done.txt` as uncommitted
+/// A task command that says `ready`, waits to be released, then leaves `done.txt` as uncommitted
 /// work.
-fn held(env: &TestEnv, task: &str) -> String {
+fn held() -> String {
     format!(
         "echo ready; {}; echo done-$AGENTBOX_TASK > done.txt",
-        wait_for_path(&marker(env, task))
+        wait_for_release()
     )
 }
 
@@ -74,6 +68,11 @@ fn twenty_runs_started_at_once_in_one_repo_all_succeed() {
         "git worktree list must show only the main worktree: {:?}",
         env.worktrees()
     );
+    assert_eq!(
+        (env.task_git_dirs(), env.scratch_dirs()),
+        (Vec::new(), Vec::new()),
+        "no task git dir or scratch dir may be left"
+    );
     assert!(
         !env.worktree_root().exists()
             || std::fs::read_dir(env.worktree_root())
@@ -92,18 +91,26 @@ fn twenty_runs_started_at_once_in_one_repo_all_succeed() {
 }
 
 #[test]
-fn prune_inside_another_task_cannot_drop_a_running_tasks_worktree() {
+fn prune_and_gc_inside_another_task_cannot_touch_a_running_task() {
     let env = TestEnv::new("conc_prune");
-    let mut a = env.spawn(["run", "a", "--", "sh", "-c", &held(&env, "a")]);
+    let base = env.head();
+    // a commits, leaves uncommitted work, and runs on.
+    let script_a = format!(
+        "echo kept > kept.txt && git add kept.txt && git commit -qm a-commit || exit 9; \
+         echo wip > wip.txt; echo ready; {}; echo done-a > done.txt",
+        wait_for_release()
+    );
+    let mut a = env.spawn(["run", "a", "--", "sh", "-c", &script_a]);
     a.wait_for_line("ready");
     let wt_a = env.worktree_path("a");
-    let admin_a = env
-        .worktree_admin_dir(&wt_a)
-        .expect("git has metadata for a's worktree while a runs");
+    let git_a = env.task_git_dir("a");
+    assert!(git_a.join("HEAD").is_file(), "a's git dir while a runs");
+    let dot_git_a = std::fs::read(wt_a.join(".git")).unwrap();
+    let a_commit = env.git_in(&wt_a, ["rev-parse", "HEAD"]);
 
-    // A control: a linked worktree that is alive on the host but not locked, and (like a's) not
-    // mounted in b's container. The prune in b must drop it, which shows that it ran and what it
-    // would have done to a's metadata without the lock.
+    // A control: a linked worktree of the repository that is alive on the host but not locked. A
+    // prune that could reach the repository's worktree metadata would drop it (its path is not
+    // mounted in b's container).
     let decoy = env.root.join("decoy");
     env.git([
         "worktree".as_ref(),
@@ -116,42 +123,66 @@ fn prune_inside_another_task_cannot_drop_a_running_tasks_worktree() {
     ]);
     assert!(env.worktree_entry(&decoy).is_some());
 
-    let b = env.output(["run", "b", "--", "git", "worktree", "prune", "--verbose"]);
+    let b = env.output([
+        "run",
+        "b",
+        "--",
+        "sh",
+        "-c",
+        "git worktree prune --verbose && git reflog expire --expire=now --all && \
+         git gc --prune=now --quiet && echo b-done",
+    ]);
     b.expect_code(0);
+    assert_eq!(b.stdout_lines(), ["b-done"], "{b}");
     assert!(
-        env.worktree_entry(&decoy).is_none(),
-        "the prune inside b's container ran and dropped the unlocked decoy: {:?}\n{b}",
+        env.worktree_entry(&decoy).is_some(),
+        "the prune inside b reached the repository's worktrees: {:?}\n{b}",
         env.worktrees()
     );
 
-    // a's metadata survived, and git still knows a's worktree, locked.
-    assert!(
-        admin_a.is_dir(),
-        "{} must survive the prune in b\n{b}",
-        admin_a.display()
-    );
-    assert_eq!(env.worktree_admin_dir(&wt_a).as_ref(), Some(&admin_a));
-    let entry = env.worktree_entry(&wt_a).unwrap_or_else(|| {
-        panic!(
-            "git worktree list must still show {}: {:?}",
-            wt_a.display(),
-            env.worktrees()
-        )
-    });
-    assert!(entry.locked, "a's worktree must be locked: {entry:?}");
-    assert_eq!(entry.branch.as_deref(), Some("refs/heads/agentbox/a"));
+    // a's worktree, git dir, commit and uncommitted work survived, and a still runs.
     assert_eq!(env.ls_task("a").expect("ls lists a")["state"], "running");
+    assert!(git_a.join("HEAD").is_file(), "a's git dir survives\n{b}");
+    assert_eq!(
+        std::fs::read(wt_a.join(".git")).unwrap(),
+        dot_git_a,
+        "a's .git file unchanged"
+    );
+    assert_eq!(
+        env.git_in(&wt_a, ["rev-parse", "HEAD"]),
+        a_commit,
+        "a's branch in its git dir unchanged"
+    );
+    assert_eq!(
+        env.git_in(&wt_a, ["cat-file", "-p", "HEAD:kept.txt"]),
+        "kept",
+        "a's commit is readable"
+    );
+    assert!(wt_a.join("wip.txt").is_file(), "a's uncommitted work stays");
 
-    touch(&marker(&env, "a"));
+    env.release("a");
     let out = a.wait();
     out.expect_code(0);
+    assert_eq!(
+        env.subjects(&format!("{base}..agentbox/a")),
+        [
+            "agentbox: snapshot of uncommitted work in task a",
+            "a-commit"
+        ],
+        "{out}"
+    );
     env.assert_snapshot_holds("a", "done.txt", "done-a\n");
+    assert_eq!(
+        env.file_at("agentbox/a", "wip.txt").as_deref(),
+        Some("wip\n")
+    );
+    assert_eq!(
+        env.file_at("agentbox/a", "kept.txt").as_deref(),
+        Some("kept\n")
+    );
     env.assert_torn_down("a");
     env.assert_torn_down("b");
-    assert!(
-        env.worktree_admin_dir(&wt_a).is_none(),
-        "a's teardown removes its metadata"
-    );
+    assert!(env.worktree_entry(&decoy).is_some());
 }
 
 #[test]
@@ -160,7 +191,7 @@ fn ls_shows_many_running_tasks_and_gc_leaves_them_alone() {
     let tasks = ["w1", "w2", "w3", "w4"];
     let mut runs: Vec<Spawned> = tasks
         .iter()
-        .map(|task| env.spawn(["run", task, "--", "sh", "-c", &held(&env, task)]))
+        .map(|task| env.spawn(["run", task, "--", "sh", "-c", &held()]))
         .collect();
     for run in &mut runs {
         run.wait_for_line("ready");
@@ -204,14 +235,18 @@ fn ls_shows_many_running_tasks_and_gc_leaves_them_alone() {
         let wt = env.worktree_path(task);
         assert!(wt.is_dir(), "gc left {}", wt.display());
         assert!(
-            env.worktree_entry(&wt).is_some_and(|w| w.locked),
-            "{:?}",
+            env.task_git_dir(task).join("HEAD").is_file(),
+            "gc left the git dir of {task}"
+        );
+        assert!(
+            env.worktree_entry(&wt).is_none(),
+            "a task's worktree is not a linked worktree of the repository: {:?}",
             env.worktrees()
         );
     }
 
     for task in tasks {
-        touch(&marker(&env, task));
+        env.release(task);
     }
     for (task, run) in tasks.iter().zip(runs) {
         let out = run.wait();

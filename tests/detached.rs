@@ -179,7 +179,9 @@ fn run_detached_reports_a_failure_before_the_start_and_wait_a_failed_command() {
         "true",
     ]);
     out.expect_code(125);
-    out.expect_stderr_contains("images/build-base.sh");
+    out.expect_stderr_contains(
+        "image agentbox-test/missing:none is not present locally and could not be pulled",
+    );
     assert_eq!(out.stdout_lines(), Vec::<String>::new(), "{out}");
     env.assert_nothing_left("noimg");
 

@@ -149,6 +149,26 @@ impl Drop for Runs {
     }
 }
 
+/// The SHA-256 of `text` in hex, as `sha256sum` prints it.
+fn sha256_hex(text: &str) -> String {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run sha256sum");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().expect("sha256sum");
+    assert!(out.status.success(), "sha256sum failed");
+    let hex = String::from_utf8(out.stdout).unwrap();
+    hex.split_whitespace().next().unwrap().to_owned()
+}
+
 /// Every path a commit reachable from any ref touched (`git log --all --name-only`).
 fn paths_ever_committed(env: &TestEnv) -> BTreeSet<String> {
     lines(&env.git(["log", "--all", "--name-only", "--format="]))
@@ -225,6 +245,12 @@ fn server_in_task_is_reachable_from_host_at_allocated_port() {
         "the port is released at teardown: {:?}",
         env.port_ledger()
     );
+    let task = env.ls_task("srv").expect("ls --json lists srv");
+    assert_eq!(
+        task["ports"],
+        serde_json::json!({"web": {"container": 8000, "host": port, "url": null}}),
+        "a finished task's released port has no URL in ls --json"
+    );
     assert!(
         TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err(),
         "nothing listens on 127.0.0.1:{port} after the teardown"
@@ -235,10 +261,9 @@ fn server_in_task_is_reachable_from_host_at_allocated_port() {
 fn concurrent_tasks_get_different_ports_released_after_teardown() {
     let env = TestEnv::new("two-ports");
     env.write_config("port_range = \"30110-30119\"\n[ports]\nweb = 8000\n");
-    let marker = env.common_dir().join("release-two");
     let script = format!(
         "echo \"$AGENTBOX_HOST_PORT_WEB\"; echo ready; {}",
-        wait_for_path(&marker)
+        wait_for_release()
     );
     let mut runs =
         Runs::new(["one", "two"].map(|task| env.spawn(["run", task, "--", "sh", "-c", &script])));
@@ -256,7 +281,8 @@ fn concurrent_tasks_get_different_ports_released_after_teardown() {
         "the ledger holds both ports: {ledger:?}"
     );
 
-    touch(&marker);
+    env.release("one");
+    env.release("two");
     let out_one = runs.wait(0);
     let out_two = runs.wait(1);
     out_one.expect_code(0);
@@ -299,10 +325,9 @@ fn twenty_concurrent_allocations_are_unique() {
     let env = TestEnv::new("twenty");
     // Exactly enough ports for all of them.
     env.write_config("port_range = \"30200-30239\"\n[ports]\nweb = 80\napi = 81\n");
-    let marker = env.common_dir().join("release-twenty");
     let script = format!(
         "echo \"$AGENTBOX_HOST_PORT_WEB $AGENTBOX_HOST_PORT_API\"; echo ready; {}",
-        wait_for_path(&marker)
+        wait_for_release()
     );
     let names: Vec<String> = (0..TASKS).map(|i| format!("p{i:02}")).collect();
     let mut runs = Runs::new(
@@ -321,7 +346,9 @@ fn twenty_concurrent_allocations_are_unique() {
         env.port_ledger()
     );
 
-    touch(&marker);
+    for name in &names {
+        env.release(name);
+    }
     let mut ports = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let out = runs.wait(i);
@@ -355,14 +382,13 @@ fn twenty_concurrent_allocations_are_unique() {
 fn exhausted_port_range_fails_with_125_and_leaves_nothing() {
     let env = TestEnv::new("exhausted");
     env.write_config("port_range = \"30120-30120\"\n[ports]\nweb = 80\n");
-    let marker = env.common_dir().join("release-hold");
     let mut hold = Runs::new([env.spawn([
         "run",
         "hold",
         "--",
         "sh",
         "-c",
-        &format!("echo ready; {}", wait_for_path(&marker)),
+        &format!("echo ready; {}", wait_for_release()),
     ])]);
     hold.get(0).wait_for_line("ready");
 
@@ -381,7 +407,7 @@ fn exhausted_port_range_fails_with_125_and_leaves_nothing() {
         "the first task is unaffected"
     );
 
-    touch(&marker);
+    env.release("hold");
     hold.wait(0).expect_code(0);
     env.assert_torn_down("hold");
     assert!(env.port_ledger().is_empty());
@@ -391,11 +417,15 @@ fn exhausted_port_range_fails_with_125_and_leaves_nothing() {
 
 fn env_file_is_private_and_never_committed(env: &TestEnv) {
     env.write_config("[env]\nGREETING = \"hello ${task} on ${branch}\"\nPRICE = \"$$5\"\n");
+    let exclude = env.common_dir().join("info/exclude");
+    let exclude_before = fs::read(&exclude).ok();
     let script = "stat -c %a .env.agentbox; \
          grep -e '^GREETING=' -e '^PRICE=' .env.agentbox; \
          echo \"$GREETING\"; \
          echo one > committed.txt && git add -A && git commit -q -m 'task commit' || exit 9; \
          git status --porcelain --ignored -- .env.agentbox; \
+         gd=$(git rev-parse --absolute-git-dir); echo \"$gd\"; \
+         grep -x /.env.agentbox \"$gd/info/exclude\"; \
          echo wip > wip.txt";
     let out = env.output(["run", "envf", "--", "sh", "-c", script]);
     out.expect_code(0);
@@ -407,8 +437,11 @@ fn env_file_is_private_and_never_committed(env: &TestEnv) {
             "PRICE=$5",
             "hello envf on agentbox/envf",
             "!! .env.agentbox",
+            env.task_git_dir("envf").to_str().unwrap(),
+            "/.env.agentbox",
         ],
-        "the env file is in the worktree, mode 600, with the [env] values, and ignored by git\n{out}"
+        "the env file is in the worktree, mode 600, with the [env] values, and ignored by git \
+         through the task's own git dir's info/exclude\n{out}"
     );
 
     let branch = "agentbox/envf";
@@ -427,12 +460,10 @@ fn env_file_is_private_and_never_committed(env: &TestEnv) {
         paths_ever_committed(env)
     );
     assert_eq!(env.file_at(branch, ".env.agentbox"), None);
-    assert!(
-        fs::read_to_string(env.common_dir().join("info/exclude"))
-            .unwrap()
-            .lines()
-            .any(|l| l == "/.env.agentbox"),
-        "the env file is excluded through the common dir"
+    assert_eq!(
+        fs::read(&exclude).ok(),
+        exclude_before,
+        "the repository's own info/exclude is left alone"
     );
     env.assert_torn_down("envf");
 }
@@ -467,24 +498,22 @@ fn secrets_reach_the_container_but_never_agentbox_records() {
         format!("# secrets\nAPI_KEY={API_KEY}\nLAYER=from-file\nFILE_WINS=from-file\n"),
     )
     .unwrap();
-    // The expected values reach the task through the mounted common dir, not its command line (which
-    // agentbox records).
-    let expect = env.common_dir().join("expect");
-    fs::create_dir(&expect).unwrap();
-    for (name, value) in [("TOKEN", TOKEN), ("API_KEY", API_KEY), ("PASSED", PASSED)] {
-        fs::write(expect.join(name), value).unwrap();
-    }
-    let marker = env.common_dir().join("release-secrets");
+    // The task compares the values it sees with their SHA-256 hashes: the values themselves must not
+    // be on its command line (which agentbox records).
     let script = format!(
         "for k in TOKEN API_KEY PASSED; do \
            eval v=\\$$k; \
-           if [ \"$v\" = \"$(cat '{expect}'/$k)\" ]; then echo $k=ok; else echo $k=wrong; fi; \
+           case $k in TOKEN) e={token};; API_KEY) e={api_key};; PASSED) e={passed};; esac; \
+           h=$(printf %s \"$v\" | sha256sum | cut -d' ' -f1); \
+           if [ \"$h\" = \"$e\" ]; then echo $k=ok; else echo $k=wrong; fi; \
            if grep -qxF \"$k=$v\" .env.agentbox; then echo $k=in-file; else echo $k=not-in-file; fi; \
          done; \
          echo \"PLAIN=$PLAIN LAYER=$LAYER FILE_WINS=$FILE_WINS\"; \
          echo ready; {wait}",
-        expect = expect.display(),
-        wait = wait_for_path(&marker),
+        token = sha256_hex(TOKEN),
+        api_key = sha256_hex(API_KEY),
+        passed = sha256_hex(PASSED),
+        wait = wait_for_release(),
     );
     let mut cmd = env.agentbox([
         "run".as_ref(),
@@ -534,7 +563,7 @@ fn secrets_reach_the_container_but_never_agentbox_records() {
         );
     }
 
-    touch(&marker);
+    env.release("sec");
     let out = run.wait();
     out.expect_code(0);
     assert_eq!(
@@ -552,10 +581,9 @@ fn secrets_reach_the_container_but_never_agentbox_records() {
         "the container sees every value; precedence [env] < --env-file < --env\n{out}"
     );
     let files = env.state_files();
+    let log_dir = env.task_log_dir("sec");
     assert!(
-        files
-            .iter()
-            .any(|p| p.extension().is_some_and(|e| e == "log")),
+        files.iter().any(|p| p.starts_with(&log_dir)),
         "the task's log is under the state dir: {files:?}"
     );
     for file in &files {
@@ -611,12 +639,11 @@ fn sidecar_service_is_reachable_by_name_and_removed_with_its_network() {
          image = \"{TOOLS_IMAGE}\"\n\
          command = [\"sh\", \"-c\", \"echo db-ok > /tmp/i.html; exec busybox httpd -f -p 80 -h /tmp\"]\n"
     ));
-    let marker = env.common_dir().join("release-side");
     let script = format!(
         "i=0; until answer=$(busybox wget -qO- http://db/i.html 2>/dev/null); do \
            i=$((i + 1)); [ \"$i\" -lt 400 ] || {{ echo db-unreachable; exit 4; }}; busybox sleep 0.05; done; \
          echo \"$answer\"; echo ready; {}",
-        wait_for_path(&marker)
+        wait_for_release()
     );
     let mut run = env.spawn(["run", "side", "--", "sh", "-c", &script]);
     run.wait_for_line("ready");
@@ -644,7 +671,7 @@ fn sidecar_service_is_reachable_by_name_and_removed_with_its_network() {
         "the task's network, labelled like its containers"
     );
 
-    touch(&marker);
+    env.release("side");
     let out = run.wait();
     out.expect_code(0);
     assert_eq!(

@@ -21,7 +21,7 @@ fn unreachable_engine_fails_with_125_and_leaves_nothing() {
 }
 
 #[test]
-fn missing_image_fails_with_125_and_points_to_build_script() {
+fn missing_image_fails_with_125_and_says_it_could_not_be_pulled() {
     let env = TestEnv::new("no-image");
     let out = env.output([
         "run",
@@ -32,8 +32,13 @@ fn missing_image_fails_with_125_and_points_to_build_script() {
         "true",
     ]);
     out.expect_code(125);
-    out.expect_stderr_contains("agentbox-test/missing:none");
-    out.expect_stderr_contains("images/build-base.sh");
+    out.expect_stderr_contains(
+        "image agentbox-test/missing:none is not present locally and could not be pulled",
+    );
+    assert!(
+        !out.stderr.contains("agentbox image build"),
+        "only the default image points at `agentbox image build`\n{out}"
+    );
     env.assert_nothing_left("noimg");
 }
 

@@ -44,6 +44,31 @@ fn actions_of(actions: &[Value], task: &str) -> Vec<String> {
         .collect()
 }
 
+/// Asserts that the actions for `task` are `expected` up to the order of the steps a teardown
+/// takes at the same time (removing containers while it keeps the work): `stop-container` first,
+/// `mark-record` last, `import-branch` before `remove-worktree`.
+#[track_caller]
+fn assert_actions(actions: &[Value], task: &str, expected: &[&str], out: &Out) {
+    let got = actions_of(actions, task);
+    let mut sorted = got.clone();
+    sorted.sort();
+    let mut wanted: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+    wanted.sort();
+    assert_eq!(sorted, wanted, "the actions for {task}: {got:?}\n{out}");
+    let at = |name: &str| got.iter().position(|a| a == name);
+    if let Some(stop) = at("stop-container") {
+        assert_eq!(stop, 0, "stop-container comes first: {got:?}\n{out}");
+    }
+    assert_eq!(
+        got.last().map(String::as_str),
+        Some("mark-record"),
+        "mark-record comes last: {got:?}\n{out}"
+    );
+    if let (Some(import), Some(remove)) = (at("import-branch"), at("remove-worktree")) {
+        assert!(import < remove, "import before removal: {got:?}\n{out}");
+    }
+}
+
 #[test]
 fn gc_recovers_a_task_whose_supervisor_was_killed_and_leaves_live_tasks_alone() {
     let env = TestEnv::new("gc-crash");
@@ -60,15 +85,16 @@ fn gc_recovers_a_task_whose_supervisor_was_killed_and_leaves_live_tasks_alone() 
     // --dry-run says what it would do and changes nothing.
     let (dry, planned) = gc_json(&env, &["--dry-run"]);
     dry.expect_code(0);
-    assert_eq!(
-        actions_of(&planned, "t"),
-        [
+    assert_actions(
+        &planned,
+        "t",
+        &[
             "stop-container",
             "remove-container",
             "remove-worktree",
-            "mark-record"
+            "mark-record",
         ],
-        "{dry}"
+        &dry,
     );
     assert!(
         planned
@@ -94,15 +120,16 @@ fn gc_recovers_a_task_whose_supervisor_was_killed_and_leaves_live_tasks_alone() 
     // The real thing.
     let (gc, done) = gc_json(&env, &["--stop-timeout", "5"]);
     gc.expect_code(0);
-    assert_eq!(
-        actions_of(&done, "t"),
-        [
+    assert_actions(
+        &done,
+        "t",
+        &[
             "stop-container",
             "remove-container",
             "remove-worktree",
-            "mark-record"
+            "mark-record",
         ],
-        "{gc}"
+        &gc,
     );
     assert!(actions_of(&done, "live").is_empty(), "{gc}");
     let snapshot = done
@@ -114,7 +141,10 @@ fn gc_recovers_a_task_whose_supervisor_was_killed_and_leaves_live_tasks_alone() 
     assert_eq!(env.rev("agentbox/t").as_deref(), Some(snapshot.as_str()));
     env.assert_snapshot_holds("t", "wip.txt", "wip\n");
     assert!(!wt.exists(), "worktree {} is removed", wt.display());
-    assert!(env.worktree_entry(&wt).is_none(), "{:?}", env.worktrees());
+    assert!(
+        !env.task_git_dir("t").exists() && !env.scratch_dir("t").exists(),
+        "the task's git dir and scratch dir are removed"
+    );
     let rec = env.ls_task("t").unwrap();
     assert_eq!(rec["state"], "recovered");
     assert_eq!(rec["snapshot_commit"], snapshot.as_str());
@@ -181,30 +211,75 @@ fn run_after_a_crash_recovers_the_task_and_continues_on_its_branch() {
     assert_eq!(env.ls_task("again").unwrap()["state"], "exited");
 }
 
-#[test]
-fn gc_keeps_a_worktree_it_cannot_snapshot() {
-    let env = TestEnv::new("gc-damaged");
+/// Damages the git dir of a crashed task in one way, runs `gc`, and checks that the worktree and the
+/// git dir are kept (the task is `kept`), that gc says why and exits 1, and that the work is still
+/// on disk and, by the snapshot, on the branch.
+fn gc_keeps_a_task_whose_git_dir_is_damaged(test: &str, damage: impl FnOnce(&TestEnv, &str)) {
+    let env = TestEnv::new(test);
     crash(&env, "dmg");
     let wt = env.worktree_path("dmg");
-    // Without its `.git` link a snapshot would commit to whatever repository encloses the path.
-    std::fs::remove_file(wt.join(".git")).unwrap();
+    let git_dir = env.task_git_dir("dmg");
+    damage(&env, "dmg");
 
-    let gc = env.output(["gc"]);
+    let (gc, done) = gc_json(&env, &["--stop-timeout", "5"]);
     gc.expect_code(1);
-    gc.expect_stderr_contains("damaged");
-    gc.expect_stderr_contains(wt.to_str().unwrap());
-    assert!(wt.join("wip.txt").is_file(), "the work stays on disk");
+    let import = done
+        .iter()
+        .find(|a| a["action"] == "import-branch")
+        .unwrap_or_else(|| panic!("an import-branch step\n{gc}"));
+    assert_eq!(import["task"], "dmg", "{gc}");
+    assert_eq!(import["ok"], false, "{gc}");
+    let why = import["error"].as_str().unwrap_or_default();
+    for needle in ["tampered", git_dir.to_str().unwrap(), wt.to_str().unwrap()] {
+        assert!(why.contains(needle), "gc says why, naming {needle:?}\n{gc}");
+    }
+    assert!(wt.join("wip.txt").is_file(), "the work stays on disk\n{gc}");
+    assert!(wt.join("README.md").is_file(), "the worktree stays\n{gc}");
+    assert!(git_dir.is_dir(), "the task's git dir stays\n{gc}");
     assert_eq!(
         env.containers(),
         Vec::<String>::new(),
         "the container is gone"
     );
-    assert!(env.branch_exists("agentbox/dmg"), "the branch stays");
-    assert_eq!(
-        env.ls_task("dmg").unwrap()["state"],
-        "orphaned",
-        "the task still needs attention"
+    env.assert_snapshot_holds("dmg", "wip.txt", "wip\n");
+    let tip = env.rev("agentbox/dmg");
+    let rec = env.ls_task("dmg").unwrap();
+    assert_eq!(rec["state"], "kept", "left for the user to look at: {rec}");
+    assert!(
+        rec["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("tampered")),
+        "the record says why: {rec}"
     );
+
+    // A later gc leaves the kept task alone.
+    let again = env.output(["gc"]);
+    again.expect_code(0);
+    again.expect_stderr_contains("kept");
+    assert!(wt.join("wip.txt").is_file(), "{again}");
+    assert!(git_dir.is_dir(), "{again}");
+    assert_eq!(env.rev("agentbox/dmg"), tip);
+}
+
+#[test]
+fn gc_keeps_a_task_whose_branch_ref_holds_garbage() {
+    gc_keeps_a_task_whose_git_dir_is_damaged("gc-bad-ref", |env, task| {
+        let branch = env
+            .task_git_dir(task)
+            .join(format!("refs/heads/agentbox/{task}"));
+        std::fs::write(branch, "this is not a commit id\n").unwrap();
+    });
+}
+
+#[test]
+fn gc_keeps_a_task_whose_objects_dir_holds_a_symlink() {
+    gc_keeps_a_task_whose_git_dir_is_damaged("gc-bad-objects", |env, task| {
+        // A commit the import must fetch, and a symlink among the objects that it must not follow.
+        let wt = env.worktree_path(task);
+        env.git_in(&wt, ["commit", "-q", "--allow-empty", "-m", "unimported"]);
+        let objects = env.task_git_dir(task).join("objects");
+        std::os::unix::fs::symlink("/etc/passwd", objects.join("pack/pack-planted.pack")).unwrap();
+    });
 }
 
 #[test]
@@ -256,6 +331,7 @@ fn gc_removes_services_and_network_and_releases_ports_of_a_dead_task() {
 #[test]
 fn task_whose_container_is_gone_but_worktree_left_is_orphaned_and_recovered() {
     let env = TestEnv::new("gc-no-container");
+    let base = env.head();
     crash(&env, "wt");
     let removed = std::process::Command::new("docker")
         .args(["rm", "-f"])
@@ -264,15 +340,39 @@ fn task_whose_container_is_gone_but_worktree_left_is_orphaned_and_recovered() {
         .unwrap();
     assert!(removed.status.success());
     assert_eq!(env.ls_task("wt").unwrap()["state"], "orphaned");
+    // A commit in the task's git dir that no supervisor imported (made after its death).
+    let wt = env.worktree_path("wt");
+    std::fs::write(wt.join("late.txt"), "late\n").unwrap();
+    env.git_in(&wt, ["add", "late.txt"]);
+    env.git_in(&wt, ["commit", "-q", "-m", "late"]);
+    assert_eq!(env.rev("agentbox/wt").as_deref(), Some(base.as_str()));
+
+    let (dry, planned) = gc_json(&env, &["--dry-run"]);
+    dry.expect_code(0);
+    assert_eq!(
+        actions_of(&planned, "wt"),
+        ["import-branch", "remove-worktree", "mark-record"],
+        "{dry}"
+    );
+    assert_eq!(env.rev("agentbox/wt").as_deref(), Some(base.as_str()));
 
     let (gc, done) = gc_json(&env, &[]);
     gc.expect_code(0);
     assert_eq!(
         actions_of(&done, "wt"),
-        ["remove-worktree", "mark-record"],
+        ["import-branch", "remove-worktree", "mark-record"],
+        "{gc}"
+    );
+    assert!(
+        done.iter().all(|a| a["task"] == "wt" && a["ok"] == true),
         "{gc}"
     );
     env.assert_snapshot_holds("wt", "wip.txt", "wip\n");
+    assert_eq!(
+        env.subjects(&format!("{base}..agentbox/wt")),
+        ["agentbox: snapshot of uncommitted work in task wt", "late"],
+        "the late commit is imported, the snapshot on top of it"
+    );
     env.assert_torn_down("wt");
     assert_eq!(env.ls_task("wt").unwrap()["state"], "recovered");
 }

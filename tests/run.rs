@@ -7,7 +7,7 @@ use std::fs;
 
 use common::*;
 
-// ---- commits and the common dir ---------------------------------------------------------------------
+// ---- commits ------------------------------------------------------------------------------------
 
 fn commit_in_container_lands_on_task_branch(env: &TestEnv) {
     let base = env.head();
@@ -54,43 +54,6 @@ fn commit_in_container_lands_on_task_branch_of_clone() {
 fn commit_in_container_lands_on_task_branch_of_bare_repo() {
     let env = TestEnv::new_bare("commit-bare");
     commit_in_container_lands_on_task_branch(&env);
-}
-
-#[test]
-fn common_dir_config_and_hooks_are_read_only_in_container() {
-    let env = TestEnv::new("ro-common");
-    let common = env.common_dir();
-    let config = common.join("config");
-    let hooks = common.join("hooks");
-    let config_before = fs::read(&config).unwrap();
-    let hooks_before = dir_listing(&hooks);
-
-    let script = format!(
-        "if printf '#!/bin/sh\\nexit 0\\n' > '{hook}' 2>/dev/null; then echo hook=written; else echo hook=denied; fi; \
-         if git config x.y z 2>/dev/null; then echo config=written; else echo config=denied; fi; \
-         if echo '[x]' >> '{config}' 2>/dev/null; then echo append=written; else echo append=denied; fi; \
-         echo fine > worktree-is-writable.txt",
-        hook = hooks.join("post-checkout").display(),
-        config = config.display(),
-    );
-    let out = env.output(["run", "ro", "--", "sh", "-c", &script]);
-    out.expect_code(0);
-    assert_eq!(
-        out.stdout_lines(),
-        ["hook=denied", "config=denied", "append=denied"],
-        "writes to the common dir's hooks/ and config must fail inside the container\n{out}"
-    );
-
-    assert_eq!(
-        fs::read(&config).unwrap(),
-        config_before,
-        "host config unchanged"
-    );
-    assert_eq!(dir_listing(&hooks), hooks_before, "host hooks/ unchanged");
-    assert!(!hooks.join("post-checkout").exists());
-    assert_eq!(env.git_try(["config", "--get", "x.y"]), None);
-    // The rest of the worktree stays writable, and its work is kept.
-    env.assert_snapshot_holds("ro", "worktree-is-writable.txt", "fine\n");
 }
 
 // ---- teardown and snapshot --------------------------------------------------------------------------
@@ -241,17 +204,28 @@ fn keep_leaves_worktree_and_stopped_container_until_rm() {
     ]);
     out.expect_code(0);
 
-    // Worktree stays, with the work, and git still knows it.
+    // Worktree stays, with the work, and so does the task's git dir that its `.git` file names; the
+    // worktree is not a linked worktree of the repository.
     assert_eq!(
         fs::read_to_string(wt.join("kept.txt")).ok().as_deref(),
         Some("kept\n"),
         "kept worktree {}\n{out}",
         wt.display()
     );
-    let entry = env
-        .worktree_entry(&wt)
-        .expect("git worktree list shows the kept worktree");
-    assert_eq!(entry.branch.as_deref(), Some("refs/heads/agentbox/kept"));
+    let git_dir = env.task_git_dir("kept");
+    let scratch = env.scratch_dir("kept");
+    assert_eq!(
+        fs::read_to_string(wt.join(".git")).unwrap(),
+        format!("gitdir: {}\n", git_dir.display()),
+        "the worktree's .git file points at the task's own git dir"
+    );
+    assert!(git_dir.join("HEAD").is_file(), "{}", git_dir.display());
+    assert!(scratch.is_dir(), "{}", scratch.display());
+    assert!(
+        env.worktree_entry(&wt).is_none(),
+        "git worktree list must not show a task's worktree: {:?}",
+        env.worktrees()
+    );
 
     // One stopped container with the documented name, labels and mounts.
     let ids = env.containers();
@@ -274,6 +248,24 @@ fn keep_leaves_worktree_and_stopped_container_until_rm() {
     assert_eq!(c["Config"]["WorkingDir"], wt.to_str().unwrap());
     assert_eq!(c["Config"]["Image"], IMAGE);
     assert_eq!(c["Config"]["User"], own_user().as_str());
+    // Limits by default, and a network agentbox made for the repository (not the engine's default
+    // bridge), labelled like the container.
+    assert_eq!(c["HostConfig"]["PidsLimit"], 4096, "default pids limit");
+    assert!(
+        c["HostConfig"]["Memory"].as_i64().is_some_and(|m| m > 0),
+        "a default memory limit: {}",
+        c["HostConfig"]["Memory"]
+    );
+    let network = c["HostConfig"]["NetworkMode"].as_str().unwrap_or_default();
+    assert!(
+        network.starts_with(&format!("agentbox-{repo_id}-")),
+        "an agentbox network of the repository: {network}"
+    );
+    assert!(
+        env.networks().iter().any(|n| n == network),
+        "{network} is labelled with the test's labels: {:?}",
+        env.networks()
+    );
     let mounts = c["Mounts"].as_array().expect("mounts");
     let mount = |path: &std::path::Path| {
         mounts
@@ -281,13 +273,26 @@ fn keep_leaves_worktree_and_stopped_container_until_rm() {
             .find(|m| m["Destination"] == path.to_str().unwrap())
             .unwrap_or_else(|| panic!("no mount at {}: {mounts:?}", path.display()))
     };
-    let common = env.common_dir();
-    for (path, rw) in [
+    // The worktree and the task's git dir read-write, the git dir's config and objects/info
+    // read-only, the repository's objects read-only; nothing else of the repository.
+    let objects = env.common_dir().join("objects");
+    let expected = [
         (wt.clone(), true),
-        (common.clone(), true),
-        (common.join("config"), false),
-        (common.join("hooks"), false),
-    ] {
+        (git_dir.clone(), true),
+        (git_dir.join("config"), false),
+        (git_dir.join("objects"), true),
+        (git_dir.join("objects/info"), false),
+        (objects.clone(), false),
+    ];
+    let mut destinations: Vec<&str> = mounts
+        .iter()
+        .map(|m| m["Destination"].as_str().unwrap())
+        .collect();
+    destinations.sort();
+    let mut wanted: Vec<&str> = expected.iter().map(|(p, _)| p.to_str().unwrap()).collect();
+    wanted.sort();
+    assert_eq!(destinations, wanted, "exactly these mounts: {mounts:?}");
+    for (path, rw) in expected {
         let m = mount(&path);
         assert_eq!(
             m["Source"],
@@ -300,7 +305,7 @@ fn keep_leaves_worktree_and_stopped_container_until_rm() {
     // State: record and log in the repo's state dir, ls says kept.
     let state = env.state_root().join(repo_id);
     assert!(state.join("tasks/kept.json").is_file(), "state record");
-    assert!(state.join("logs/kept.log").is_file(), "log file");
+    assert!(state.join("logs/kept").is_dir(), "log directory");
     let rec = env.ls_task("kept").expect("ls lists kept");
     assert_eq!(rec["state"], "kept");
 
@@ -313,11 +318,8 @@ fn keep_leaves_worktree_and_stopped_container_until_rm() {
         "rm removes the container\n{rm}"
     );
     assert!(!wt.exists(), "rm removes the worktree");
-    assert!(
-        env.worktree_entry(&wt).is_none(),
-        "git worktree list: {:?}",
-        env.worktrees()
-    );
+    assert!(!git_dir.exists(), "rm removes the task's git dir");
+    assert!(!scratch.exists(), "rm removes the scratch dir");
     assert!(env.ls_task("kept").is_none(), "rm forgets the task");
     assert!(!state.join("tasks/kept.json").exists());
     assert!(env.branch_exists("agentbox/kept"), "branch stays");
@@ -339,6 +341,7 @@ fn exit_code_of_command_is_propagated() {
     let rec = env.ls_task("three").expect("ls lists three");
     assert_eq!(rec["exit_code"], 3);
     env.assert_torn_down("three");
+    env.assert_branch_gone_unchanged("three", &out);
 }
 
 #[test]
@@ -401,11 +404,18 @@ fn stdout_and_stderr_are_kept_apart_and_logged() {
     for needle in ["to-stdout", "to-stderr", "more-stdout"] {
         assert!(logs.stdout.contains(needle), "logs show {needle:?}\n{logs}");
     }
-    let log_files = env.log_files();
-    assert_eq!(log_files.len(), 1, "one log file: {log_files:?}");
-    assert!(log_files[0].ends_with("logs/io.log"), "{log_files:?}");
-    let persisted = fs::read_to_string(&log_files[0]).unwrap();
-    assert!(persisted.contains("to-stdout") && persisted.contains("to-stderr"));
+    let log_dirs = env.log_files();
+    assert_eq!(log_dirs, [env.task_log_dir("io")], "one log directory");
+    let mut persisted = String::new();
+    for segment in fs::read_dir(&log_dirs[0]).unwrap() {
+        persisted.push_str(&String::from_utf8_lossy(
+            &fs::read(segment.unwrap().path()).unwrap(),
+        ));
+    }
+    assert!(
+        persisted.contains("to-stdout") && persisted.contains("to-stderr"),
+        "the log's segment files hold the output: {persisted:?}"
+    );
 }
 
 // ---- options ----------------------------------------------------------------------------------------
@@ -507,7 +517,11 @@ fn worktree_root_option_places_the_worktree() {
         "worktree at {}",
         wt.display()
     );
-    assert!(env.worktree_entry(&wt).is_some(), "{:?}", env.worktrees());
+    assert_eq!(
+        fs::read_to_string(wt.join(".git")).unwrap(),
+        format!("gitdir: {}\n", env.task_git_dir("placed").display()),
+        "the worktree at the custom root points at the task's git dir in the state dir"
+    );
     assert!(
         !env.worktree_path("placed").exists(),
         "nothing at the default root"
@@ -519,7 +533,11 @@ fn worktree_root_option_places_the_worktree() {
 
     env.output(["rm", "placed"]).expect_code(0);
     assert!(!wt.exists(), "rm removes the worktree at the custom root");
-    assert!(env.worktree_entry(&wt).is_none(), "{:?}", env.worktrees());
+    assert!(root.is_dir(), "a root the user chose stays");
+    assert!(
+        !env.task_git_dir("placed").exists(),
+        "rm removes the task's git dir"
+    );
 }
 
 #[test]
@@ -533,7 +551,16 @@ fn base_option_starts_the_branch_at_the_given_ref() {
     env.git(["switch", "-q", "main"]);
     let other = env.rev("other").unwrap();
 
-    let out = env.output(["run", "based", "--base", "other", "--", "cat", "other.txt"]);
+    let out = env.output([
+        "run",
+        "based",
+        "--keep-branch",
+        "--base",
+        "other",
+        "--",
+        "cat",
+        "other.txt",
+    ]);
     out.expect_code(0);
     assert_eq!(out.stdout, "from other\n", "{out}");
     assert_eq!(env.rev("agentbox/based").as_deref(), Some(other.as_str()));
@@ -547,10 +574,32 @@ fn base_option_starts_the_branch_at_the_given_ref() {
 fn repo_option_works_before_and_after_the_subcommand() {
     let env = TestEnv::new("repo-opt");
     let repo = env.repo.to_str().unwrap();
-    output_of(env.agentbox_in(&env.home, ["--repo", repo, "run", "before", "--", "true"]))
-        .expect_code(0);
-    output_of(env.agentbox_in(&env.home, ["run", "after", "--repo", repo, "--", "true"]))
-        .expect_code(0);
+    output_of(env.agentbox_in(
+        &env.home,
+        [
+            "--repo",
+            repo,
+            "run",
+            "before",
+            "--keep-branch",
+            "--",
+            "true",
+        ],
+    ))
+    .expect_code(0);
+    output_of(env.agentbox_in(
+        &env.home,
+        [
+            "run",
+            "after",
+            "--keep-branch",
+            "--repo",
+            repo,
+            "--",
+            "true",
+        ],
+    ))
+    .expect_code(0);
     assert!(env.branch_exists("agentbox/before"));
     assert!(env.branch_exists("agentbox/after"));
     let ls = output_of(env.agentbox_in(&env.home, ["ls", "--json", "--repo", repo]));
@@ -616,8 +665,17 @@ fn longest_valid_task_name_is_accepted() {
     // 63 characters, using every allowed class.
     let name = format!("a1._-{}", "x".repeat(58));
     assert_eq!(name.len(), 63);
-    env.output(["run", &name, "--", "true"]).expect_code(0);
-    assert!(env.branch_exists(&format!("agentbox/{name}")));
+    let out = env.output(["run", &name, "--", "true"]);
+    out.expect_code(0);
+    env.assert_torn_down(&name);
+    env.assert_branch_gone_unchanged(&name, &out);
+    // With --keep-branch the branch stays, at the base.
+    env.output(["run", &name, "--keep-branch", "--", "true"])
+        .expect_code(0);
+    assert_eq!(
+        env.rev(&format!("agentbox/{name}")).as_deref(),
+        Some(env.head().as_str())
+    );
     env.assert_torn_down(&name);
 }
 

@@ -1,5 +1,5 @@
 //! Running tasks: signals, `stop`, `rm --force`, orphans, `logs -f`, and what `ls`, `diff` and
-//! `git worktree list` show while a task runs.
+//! the state dir show while a task runs.
 
 mod common;
 
@@ -150,11 +150,12 @@ fn second_run_of_running_task_is_refused_and_first_finishes() {
 }
 
 #[test]
-fn running_task_shows_in_ls_diff_and_worktree_list() {
+fn running_task_shows_in_ls_and_diff_and_has_its_own_git_dir() {
     let env = TestEnv::new("while-running");
     let base = env.head();
     let script = format!(
-        "echo live >> README.md; echo ready; {}",
+        "echo made > committed.txt && git add committed.txt && git commit -qm in-task || exit 9; \
+         echo live >> README.md; echo ready; {}",
         wait_for_file("go")
     );
     let mut run = env.spawn(["run", "live", "--", "sh", "-c", &script]);
@@ -178,24 +179,42 @@ fn running_task_shows_in_ls_diff_and_worktree_list() {
 
     let diff = env.output(["diff", "live"]);
     diff.expect_code(0);
-    assert!(
-        diff.stdout.contains("README.md") && diff.stdout.contains("+live"),
-        "diff of a running task shows its worktree against the base\n{diff}"
-    );
+    for needle in ["README.md", "+live", "committed.txt", "+made"] {
+        assert!(
+            diff.stdout.contains(needle),
+            "diff of a running task shows its worktree (committed or not) against the base: \
+             {needle:?}\n{diff}"
+        );
+    }
 
+    // The worktree and the task's own git dir exist while it runs; the worktree is no linked
+    // worktree of the repository.
     let wt = env.worktree_path("live");
-    let entry = env
-        .worktree_entry(&wt)
-        .expect("worktree listed while running");
-    assert_eq!(entry.branch.as_deref(), Some("refs/heads/agentbox/live"));
+    let git_dir = env.task_git_dir("live");
+    assert!(wt.join("README.md").is_file(), "{}", wt.display());
+    assert!(git_dir.join("HEAD").is_file(), "{}", git_dir.display());
+    assert!(env.scratch_dir("live").is_dir());
+    assert_eq!(
+        std::fs::read_to_string(wt.join(".git")).unwrap(),
+        format!("gitdir: {}\n", git_dir.display())
+    );
     assert!(
-        entry.locked,
-        "the task's worktree is locked while it runs: {entry:?}"
+        env.worktree_entry(&wt).is_none(),
+        "git worktree list must not show {}: {:?}",
+        wt.display(),
+        env.worktrees()
     );
 
     touch(&wt.join("go"));
     run.wait().expect_code(0);
     env.assert_snapshot_holds("live", "README.md", "hello\nlive\n");
+    assert_eq!(
+        env.subjects(&format!("{base}..agentbox/live")),
+        [
+            "agentbox: snapshot of uncommitted work in task live",
+            "in-task"
+        ]
+    );
     env.assert_torn_down("live");
 }
 

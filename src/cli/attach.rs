@@ -1,7 +1,8 @@
 use std::io;
 
 use agentbox::Workspace;
-use agentbox::manage::{self, ManageError};
+use agentbox::control::{self, ControlError};
+use agentbox::inspect;
 use agentbox::supervisor::StopSignal;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -34,11 +35,9 @@ pub async fn attach(context: &Context, args: Args) -> Result<u8, CommandError> {
     let mut follower = tokio::task::spawn_blocking(move || {
         let ws = Workspace::open(&start, &state_home).map_err(failed)?;
         let mut stdout = io::stdout().lock();
-        match manage::copy_log(&ws, &follow_task, &mut stdout, true) {
+        match inspect::copy_log(&ws, &follow_task, &mut stdout, true) {
             Ok(()) => Ok(()),
-            Err(ManageError::Io { source, .. }) if source.kind() == io::ErrorKind::BrokenPipe => {
-                Ok(())
-            }
+            Err(e) if e.is_broken_pipe() => Ok(()),
             Err(e) => Err(failed(e)),
         }
     });
@@ -52,13 +51,13 @@ pub async fn attach(context: &Context, args: Args) -> Result<u8, CommandError> {
             _ = interrupt.recv() => StopSignal::Interrupt,
             _ = terminate.recv() => StopSignal::Terminate,
         };
-        match manage::signal(&ws, &task, received) {
+        match control::signal(&ws, &task, received) {
             Ok(()) if first.is_none() => eprintln!(
                 "agentbox: stopping task {task} gracefully (interrupt again to kill it now)"
             ),
             Ok(()) => eprintln!("agentbox: killing task {task}"),
             // It ended meanwhile; the follower returns by itself.
-            Err(ManageError::NotRunning { .. }) => {}
+            Err(ControlError::NotRunning { .. }) => {}
             Err(e) => eprintln!("agentbox: error: {e}"),
         }
         first.get_or_insert(received);

@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentbox::batch::{self, BatchEvent, Stream, TaskResult, Timed};
+use agentbox::output::sanitize::sanitize_line;
 use agentbox::supervisor::{RunRequest, StopLevel};
 use anstyle::{AnsiColor, Style};
 use tokio::sync::{mpsc, watch};
@@ -33,9 +34,12 @@ pub struct Args {
     /// Seconds between SIGTERM and SIGKILL when a task is stopped
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     stop_timeout: u64,
+    /// Keep the branches of tasks that changed nothing (deleted by default)
+    #[arg(long)]
+    keep_branch: bool,
 }
 
-fn fail(error: impl std::fmt::Display) -> CommandError {
+fn fail(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CommandError {
     CommandError::new(error, EXIT_AGENTBOX_FAILED)
 }
 
@@ -49,19 +53,28 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
     })?;
     let tasks = batch::parse_task_file(&text, &path).map_err(fail)?;
     let labels = labels(&args.labels)?;
-    let (ws, config, engine) = context.prepare_runs(None).await?;
+    let from_head = tasks
+        .iter()
+        .any(|t| t.base.is_none())
+        .then_some("tasks without a base start");
+    let (ws, config, runtime) = context.prepare_runs(None, from_head).await?;
     let requests: Vec<RunRequest> = tasks
         .iter()
         .map(|task| {
             let base =
                 RunRequest::from_config(task.name.clone(), &config, ws.repo.workdir.as_deref());
-            task.apply(RunRequest {
+            let mut request = RunRequest {
                 host_env: context.env.vars.clone(),
                 labels: labels.clone(),
                 user: Some(default_user()),
                 stop_timeout: Duration::from_secs(args.stop_timeout),
+                keep_branch: args.keep_branch,
                 ..base
-            })
+            };
+            if request.limits.memory_bytes.is_none() {
+                request.limits.memory_bytes = context.env.total_memory.map(|total| total / 2);
+            }
+            task.apply(request)
         })
         .collect();
     let parallel = args
@@ -78,9 +91,15 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
     } else {
         let colors = !context.env.no_color && std::io::stdout().is_terminal();
         let status = std::io::stderr().is_terminal();
-        tokio::spawn(render_text(events_rx, Palette::new(&names, colors), status))
+        let stdout_terminal = std::io::stdout().is_terminal();
+        tokio::spawn(render_text(
+            events_rx,
+            Palette::new(&names, colors),
+            status,
+            stdout_terminal,
+        ))
     };
-    let results = batch::run(&ws, &engine, requests, parallel, events_tx, stop_rx).await;
+    let results = batch::run(&ws, runtime, requests, parallel, events_tx, stop_rx).await;
     let _ = renderer.await;
     signals.abort();
 
@@ -187,14 +206,35 @@ impl Progress {
 
 /// Writes every line whole, prefixed with its task; on a terminal, keeps a status line at the
 /// bottom of stderr (cleared before each line and drawn again after it).
-async fn render_text(mut events: mpsc::Receiver<Timed>, palette: Palette, status: bool) {
+async fn render_text(
+    mut events: mpsc::Receiver<Timed>,
+    palette: Palette,
+    status: bool,
+    stdout_terminal: bool,
+) {
     let mut progress = Progress::default();
     while let Some(timed) = events.recv().await {
         let (to_stderr, text) = match timed.event {
-            BatchEvent::Log { task, stream, line } => (
-                stream == Stream::Stderr,
-                format!("{}{line}", palette.prefix(&task)),
-            ),
+            // Shown on a terminal, a task's line must not move the cursor or rewrite the status
+            // line; elsewhere it is passed on as it came.
+            BatchEvent::Log {
+                task, stream, line, ..
+            } => {
+                let to_terminal = if stream == Stream::Stderr {
+                    status
+                } else {
+                    stdout_terminal
+                };
+                let line = if to_terminal {
+                    sanitize_line(line.as_bytes()).into_owned()
+                } else {
+                    line
+                };
+                (
+                    stream == Stream::Stderr,
+                    format!("{}{line}", palette.prefix(&task)),
+                )
+            }
             BatchEvent::Started { task } => {
                 progress.running += 1;
                 (true, format!("{}agentbox: started", palette.prefix(&task)))

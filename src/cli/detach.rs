@@ -28,7 +28,7 @@ const SUPERVISOR_VAR: &str = "AGENTBOX_DETACHED_SUPERVISOR";
 /// What the background supervisor tells the parent once the task's command runs.
 const STARTED: &str = "started";
 
-fn fail(error: impl std::fmt::Display) -> CommandError {
+fn fail(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CommandError {
     CommandError::new(error, EXIT_AGENTBOX_FAILED)
 }
 

@@ -1,4 +1,4 @@
-use agentbox::manage;
+use agentbox::inspect;
 
 use super::{CommandError, Context, EXIT_ERROR, failed, task_name, write_stdout};
 
@@ -14,7 +14,7 @@ pub struct Args {
 pub async fn diff(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.task, EXIT_ERROR)?;
     let ws = context.workspace().map_err(failed)?;
-    let patch = manage::diff(&ws, &task, args.stat).await.map_err(failed)?;
+    let patch = inspect::diff(&ws, &task, args.stat).await.map_err(failed)?;
     write_stdout(&patch)?;
     Ok(0)
 }

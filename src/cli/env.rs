@@ -1,4 +1,4 @@
-use agentbox::manage;
+use agentbox::inspect;
 
 use super::{CommandError, Context, EXIT_ERROR, failed, task_name, write_stdout};
 
@@ -14,7 +14,7 @@ const MASK: &str = "********";
 pub fn env(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.task, EXIT_ERROR)?;
     let ws = context.workspace().map_err(failed)?;
-    let vars = manage::env(&ws, &task).map_err(failed)?;
+    let vars = inspect::env(&ws, &task).map_err(failed)?;
     let mut out = String::new();
     for (key, value) in &vars {
         out.push_str(&format!("{key}={}\n", value.as_deref().unwrap_or(MASK)));

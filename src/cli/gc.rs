@@ -1,12 +1,13 @@
 use std::time::Duration;
 
-use agentbox::docker::Engine;
-use agentbox::gc::{self, ActionKind, GcAction, GcOptions};
+use agentbox::recovery::{self, Options};
+use agentbox::runtime::Runtime;
+use agentbox::teardown::{DEFAULT_MAX_SNAPSHOT_FILE, Step, StepKind};
 
 use super::{CommandError, Context, failed, write_stdout};
 
-/// Clean up after tasks whose supervisor died: stop and remove their containers, commit their
-/// uncommitted work to their branches, remove their worktrees. Running tasks are left alone
+/// Clean up after tasks whose supervisor died: stop and remove their containers, import and commit
+/// their work to their branches, remove their worktrees. Running and kept tasks are left alone
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Show what would be done; change nothing
@@ -23,15 +24,14 @@ pub struct Args {
 
 pub async fn gc(context: &Context, args: Args) -> Result<u8, CommandError> {
     let ws = context.workspace().map_err(failed)?;
-    let engine = Engine::connect(context.env.docker_host.as_deref())
-        .await
-        .map_err(failed)?;
-    let options = GcOptions {
+    let runtime = context.runtime().await.map_err(failed)?;
+    let options = Options {
         dry_run: args.dry_run,
         stop_timeout: Duration::from_secs(args.stop_timeout),
+        max_file_size: DEFAULT_MAX_SNAPSHOT_FILE,
     };
     let mut stdout_open = true;
-    let mut report = |action: &GcAction| {
+    let mut report = |action: &Step| {
         if args.json {
             let mut line = serde_json::to_string(action).expect("a gc action always serialises");
             line.push('\n');
@@ -44,11 +44,14 @@ pub async fn gc(context: &Context, args: Args) -> Result<u8, CommandError> {
             eprintln!("agentbox: error: {error}");
         }
     };
-    let summary = gc::reconcile(&ws, &engine, &options, &mut report)
+    let summary = recovery::reconcile(&ws, &*runtime, &options, &mut report)
         .await
         .map_err(failed)?;
     if !args.json {
-        if summary.actions == 0 {
+        for network in &summary.shared_networks_removed {
+            eprintln!("agentbox: removed network {network}, which no task uses any more");
+        }
+        if summary.steps == 0 && summary.shared_networks_removed.is_empty() {
             eprintln!("agentbox: nothing to clean up");
         }
         if !summary.live.is_empty() {
@@ -59,15 +62,15 @@ pub async fn gc(context: &Context, args: Args) -> Result<u8, CommandError> {
         }
         if !summary.kept.is_empty() {
             eprintln!(
-                "agentbox: left alone, kept with --keep (`agentbox rm <task>` removes them): {}",
+                "agentbox: left alone, kept (`agentbox rm <task>` removes them): {}",
                 join(&summary.kept)
             );
         }
     }
     if summary.failed > 0 {
         return Err(failed(format!(
-            "{} of {} clean-up steps failed (see above); nothing was discarded, and `agentbox gc` tries again",
-            summary.failed, summary.actions
+            "{} of {} clean-up steps failed (see above); nothing was discarded: what could not be cleaned up is kept (`agentbox ls` says why and `agentbox rm` removes it) or left for the next `agentbox gc`",
+            summary.failed, summary.steps
         )));
     }
     Ok(0)
@@ -82,49 +85,44 @@ fn join(tasks: &[agentbox::TaskName]) -> String {
 }
 
 /// One human line for a step that went well (or would be taken, with --dry-run).
-pub(super) fn describe(action: &GcAction) -> String {
+pub(super) fn describe(action: &Step) -> String {
     let target = &action.target;
     let (done, planned) = match action.action {
-        ActionKind::StopContainer => ("stopped", "would stop"),
-        ActionKind::RemoveContainer | ActionKind::RemoveNetwork | ActionKind::RemoveWorktree => {
+        StepKind::StopContainer => ("stopped", "would stop"),
+        StepKind::RemoveContainer | StepKind::RemoveNetwork | StepKind::RemoveWorktree => {
             ("removed", "would remove")
         }
-        ActionKind::ReleasePorts => ("released", "would release"),
-        ActionKind::MarkRecord => ("marked", "would mark"),
-        ActionKind::PruneWorktree => ("pruned", "would prune"),
+        StepKind::ImportBranch => ("imported", "would import"),
+        StepKind::ReleasePorts => ("released", "would release"),
+        StepKind::MarkRecord => ("marked", "would mark"),
     };
     let verb = if action.dry_run { planned } else { done };
     let mut line = match action.action {
-        ActionKind::StopContainer | ActionKind::RemoveContainer => {
+        StepKind::StopContainer | StepKind::RemoveContainer => {
             format!("{verb} container {target}")
         }
-        ActionKind::RemoveNetwork => format!("{verb} network {target}"),
-        ActionKind::RemoveWorktree if action.dry_run => {
+        StepKind::RemoveNetwork => format!("{verb} network {target}"),
+        StepKind::ImportBranch => format!("{verb} the task's commits into branch {target}"),
+        StepKind::RemoveWorktree if action.dry_run => {
             format!("{verb} worktree {target}, committing its uncommitted work first")
         }
-        ActionKind::RemoveWorktree => format!("{verb} worktree {target}"),
-        ActionKind::ReleasePorts => format!("{verb} ports {target}"),
-        ActionKind::MarkRecord => format!("{verb} as {target}"),
-        ActionKind::PruneWorktree => {
-            format!("{verb} git's metadata of missing worktree {target}")
-        }
+        StepKind::RemoveWorktree => format!("{verb} worktree {target}"),
+        StepKind::ReleasePorts => format!("{verb} ports {target}"),
+        StepKind::MarkRecord => format!("{verb} as {target}"),
     };
     if let Some(commit) = &action.snapshot_commit {
         line.push_str(&format!(
             "; snapshot commit {commit} keeps its uncommitted work"
         ));
     }
-    match &action.task {
-        Some(task) => format!("task {task}: {line}"),
-        None => line,
-    }
+    format!("task {}: {line}", action.task)
 }
 
 /// The cheap gc that `run` and `batch` do first: only when a record shows a task left behind by a
 /// dead supervisor does it reconcile. Its failures are reported, never fatal: the run itself does
 /// not depend on them.
-pub(super) async fn recover_left_behind(ws: &agentbox::Workspace, engine: &Engine) {
-    match gc::anything_left_behind(ws) {
+pub(super) async fn recover_left_behind(ws: &agentbox::Workspace, runtime: &dyn Runtime) {
+    match recovery::anything_left_behind(ws) {
         Ok(false) => return,
         Ok(true) => {}
         Err(e) => {
@@ -132,15 +130,16 @@ pub(super) async fn recover_left_behind(ws: &agentbox::Workspace, engine: &Engin
             return;
         }
     }
-    let options = GcOptions {
+    let options = Options {
         dry_run: false,
         stop_timeout: Duration::from_secs(10),
+        max_file_size: DEFAULT_MAX_SNAPSHOT_FILE,
     };
-    let mut report = |action: &GcAction| match &action.error {
+    let mut report = |action: &Step| match &action.error {
         None => eprintln!("agentbox: recovered: {}", describe(action)),
         Some(error) => eprintln!("agentbox: warning: {error}"),
     };
-    if let Err(e) = gc::reconcile(ws, engine, &options, &mut report).await {
+    if let Err(e) = recovery::reconcile(ws, runtime, &options, &mut report).await {
         eprintln!("agentbox: warning: cleaning up tasks left behind failed: {e}");
     }
 }

@@ -1,6 +1,6 @@
 use std::io;
 
-use agentbox::manage;
+use agentbox::inspect;
 
 use super::{CommandError, Context, EXIT_ERROR, failed, task_name};
 
@@ -17,13 +17,9 @@ pub fn logs(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.task, EXIT_ERROR)?;
     let ws = context.workspace().map_err(failed)?;
     let mut stdout = io::stdout().lock();
-    match manage::copy_log(&ws, &task, &mut stdout, args.follow) {
+    match inspect::copy_log(&ws, &task, &mut stdout, args.follow) {
         Ok(()) => Ok(0),
-        Err(manage::ManageError::Io { source, .. })
-            if source.kind() == io::ErrorKind::BrokenPipe =>
-        {
-            Ok(0)
-        }
+        Err(e) if e.is_broken_pipe() => Ok(0),
         Err(e) => Err(failed(e)),
     }
 }

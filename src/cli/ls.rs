@@ -1,4 +1,4 @@
-use agentbox::manage;
+use agentbox::inspect;
 
 use super::{CommandError, Context, failed, write_stdout};
 
@@ -13,7 +13,7 @@ pub struct Args {
 
 pub fn ls(context: &Context, args: Args) -> Result<u8, CommandError> {
     let ws = context.workspace().map_err(failed)?;
-    let tasks = manage::list(&ws).map_err(failed)?;
+    let tasks = inspect::list(&ws).map_err(failed)?;
     let mut out = String::new();
     if args.json {
         for task in &tasks {
@@ -27,7 +27,7 @@ pub fn ls(context: &Context, args: Args) -> Result<u8, CommandError> {
                 let urls: Vec<String> = t
                     .ports
                     .iter()
-                    .map(|(name, port)| format!("{name}={}", port.url))
+                    .filter_map(|(name, port)| Some(format!("{name}={}", port.url.as_ref()?)))
                     .collect();
                 [
                     t.name.clone(),

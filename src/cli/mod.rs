@@ -7,6 +7,7 @@ mod detach;
 mod diff;
 mod env;
 mod gc;
+mod image;
 mod logs;
 mod ls;
 mod ports;
@@ -16,14 +17,16 @@ mod signals;
 mod stop;
 mod wait;
 
+use std::error::Error;
 use std::ffi::OsString;
-use std::fmt::Display;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use agentbox::Workspace;
 use agentbox::config::ProjectConfig;
-use agentbox::docker::Engine;
+use agentbox::docker::DockerEngine;
+use agentbox::runtime::Runtime;
 use agentbox::task::TaskName;
 use clap::{Parser, Subcommand};
 
@@ -59,6 +62,7 @@ enum Command {
     Wait(wait::Args),
     Attach(attach::Args),
     Gc(gc::Args),
+    Image(image::Args),
 }
 
 /// What the CLI takes from its process environment, read once here so the library never does.
@@ -70,6 +74,8 @@ pub struct Env {
     vars: std::collections::BTreeMap<String, String>,
     /// `NO_COLOR` is set (to anything): no colours, whatever the terminal.
     no_color: bool,
+    /// The machine's memory, for the default memory limit of a task.
+    total_memory: Option<u64>,
 }
 
 impl Env {
@@ -84,6 +90,7 @@ impl Env {
             state_home,
             current_dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
             no_color: std::env::var_os("NO_COLOR").is_some(),
+            total_memory: total_memory(),
             vars: std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
                 .collect(),
@@ -91,44 +98,98 @@ impl Env {
     }
 }
 
-/// An error on its way to the user: the message (which names what is involved and, where there is
-/// one, the fix) and the exit code.
+/// The machine's memory in bytes (`MemTotal` of /proc/meminfo).
+fn total_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// An error on its way to the user: the error with its chain of causes (each names what is
+/// involved), a hint where there is one, and the exit code.
 #[derive(Debug)]
 pub struct CommandError {
-    message: String,
+    error: Box<dyn Error + Send + Sync>,
+    hint: Option<String>,
     pub exit_code: u8,
 }
 
 impl CommandError {
-    fn new(error: impl Display, exit_code: u8) -> Self {
-        // Library messages already include their causes, so the top message is complete.
+    fn new(error: impl Into<Box<dyn Error + Send + Sync>>, exit_code: u8) -> Self {
         Self {
-            message: error.to_string(),
+            error: error.into(),
+            hint: None,
             exit_code,
         }
     }
 
+    fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// `agentbox: error: <message>`, then each cause the message does not already say, then the
+    /// hint.
+    pub fn render(&self) -> String {
+        let mut said = self.error.to_string();
+        let mut out = format!("agentbox: error: {said}\n");
+        let mut source = self.error.source();
+        while let Some(cause) = source {
+            let text = cause.to_string();
+            if !said.contains(&text) {
+                out.push_str(&format!("  caused by: {text}\n"));
+                said.push_str(&text);
+            }
+            source = cause.source();
+        }
+        if let Some(hint) = &self.hint {
+            out.push_str(&format!("  hint: {hint}\n"));
+        }
+        out
+    }
+
     pub fn report(&self) {
-        let _ = writeln!(io::stderr().lock(), "agentbox: error: {}", self.message);
+        let _ = io::stderr().lock().write_all(self.render().as_bytes());
     }
 }
 
 /// Failures of everything but `run`.
-fn failed(error: impl Display) -> CommandError {
+fn failed(error: impl Into<Box<dyn Error + Send + Sync>>) -> CommandError {
     CommandError::new(error, EXIT_ERROR)
 }
 
-/// The exit code for a command line clap rejected: `run` follows `docker run` (125), the rest use
-/// the usual 2; help and version are not errors.
-pub fn usage_exit_code(error: &clap::Error, args: &[OsString]) -> u8 {
+/// The subcommand of a command line: the first argument that is neither an option nor the value of
+/// the global `--repo`.
+fn subcommand_of(args: &[OsString]) -> Option<String> {
+    let mut rest = args.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(arg) = rest.next() {
+        if arg == "--repo" {
+            rest.next();
+        } else if !arg.starts_with('-') {
+            return Some(arg.into_owned());
+        }
+    }
+    None
+}
+
+/// Reports a command line clap rejected and returns the exit code: `run` follows `docker run`
+/// (125), the rest use the usual 2; help and version are not errors.
+pub fn usage_error(error: &clap::Error, args: &[OsString]) -> u8 {
+    let _ = error.print();
     if !error.use_stderr() {
         return 0;
     }
-    let subcommand = args
-        .iter()
-        .skip(1)
-        .find(|a| !a.to_string_lossy().starts_with('-'));
-    if subcommand.is_some_and(|s| s == "run") {
+    let subcommand = subcommand_of(args);
+    if error.kind() == clap::error::ErrorKind::UnknownArgument
+        && matches!(subcommand.as_deref(), Some("run" | "exec"))
+    {
+        eprintln!(
+            "  hint: a command for the task goes after `--`: agentbox {} <task> -- <command>...",
+            subcommand.as_deref().unwrap_or("run")
+        );
+    }
+    if subcommand.as_deref() == Some("run") {
         EXIT_AGENTBOX_FAILED
     } else {
         EXIT_USAGE
@@ -153,6 +214,7 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
         Command::Wait(args) => wait::wait(&context, args).await,
         Command::Attach(args) => attach::attach(&context, args).await,
         Command::Gc(args) => gc::gc(&context, args).await,
+        Command::Image(args) => image::image(args).await,
     }
 }
 
@@ -173,27 +235,61 @@ impl Context {
         Workspace::open(&self.start_dir(), &self.env.state_home)
     }
 
+    /// The container engine: the one place where it is chosen.
+    async fn runtime(&self) -> Result<Arc<dyn Runtime>, agentbox::runtime::RuntimeError> {
+        let engine = DockerEngine::connect(self.env.docker_host.as_deref()).await?;
+        Ok(Arc::new(engine))
+    }
+
     /// What `run` and `batch` do before any task starts: open the repository with its
-    /// `agentbox.toml` applied (a `--worktree-root` flag wins over the file), connect to the engine,
-    /// and clean up after tasks that dead supervisors left behind. Fails with exit code 125.
+    /// `agentbox.toml` applied (a `--worktree-root` flag wins over the file), say (or refuse, if
+    /// `agentbox.toml` asks) when tasks starting from `HEAD` would miss uncommitted changes of the
+    /// checkout, connect to the engine, and clean up after tasks that dead supervisors left
+    /// behind. Fails with exit code 125.
     async fn prepare_runs(
         &self,
         worktree_root: Option<&Path>,
-    ) -> Result<(Workspace, ProjectConfig, Engine), CommandError> {
-        let fail = |e: &dyn Display| CommandError::new(e, EXIT_AGENTBOX_FAILED);
-        let mut ws = self.workspace().map_err(|e| fail(&e))?;
-        let config = ws.load_config().map_err(|e| fail(&e))?;
+        from_head: Option<&str>,
+    ) -> Result<(Workspace, ProjectConfig, Arc<dyn Runtime>), CommandError> {
+        let fail = |e: Box<dyn Error + Send + Sync>| CommandError::new(e, EXIT_AGENTBOX_FAILED);
+        let mut ws = self.workspace().map_err(|e| fail(e.into()))?;
+        let config = ws.load_config().map_err(|e| fail(e.into()))?;
         if let Some(root) = worktree_root {
             ws.set_worktree_root(root, &self.env.current_dir);
         } else if let Some(root) = &config.worktree_root {
             let project_root = ws.project_root().to_owned();
             ws.set_worktree_root(root, &project_root);
         }
-        let engine = Engine::connect(self.env.docker_host.as_deref())
-            .await
-            .map_err(|e| fail(&e))?;
-        gc::recover_left_behind(&ws, &engine).await;
-        Ok((ws, config, engine))
+        // The look at the checkout and the engine's handshake overlap.
+        let dirty = async {
+            match from_head {
+                Some(_) => ws.repo.checkout_is_dirty().await.unwrap_or(false),
+                None => false,
+            }
+        };
+        let (dirty, runtime) = tokio::join!(dirty, self.runtime());
+        if let Some(tasks) = from_head
+            && dirty
+        {
+            let head = ws.repo.head_name();
+            let id = ws
+                .repo
+                .resolve_commit(&head)
+                .map(|id| id.to_hex_with_len(7).to_string())
+                .unwrap_or_default();
+            let message = format!(
+                "your checkout has uncommitted changes; {tasks} from {head} ({id}) without them"
+            );
+            if config.refuse_dirty_checkout {
+                return Err(CommandError::new(message, EXIT_AGENTBOX_FAILED).with_hint(
+                    "commit or stash them first (refuse_dirty_checkout in agentbox.toml asks for a clean checkout)",
+                ));
+            }
+            eprintln!("agentbox: {message}");
+        }
+        let runtime = runtime.map_err(|e| fail(e.into()))?;
+        gc::recover_left_behind(&ws, &*runtime).await;
+        Ok((ws, config, runtime))
     }
 }
 

@@ -1,4 +1,4 @@
-use agentbox::manage;
+use agentbox::control;
 
 use super::gc::describe;
 use super::{CommandError, Context, EXIT_ERROR, failed, task_name};
@@ -7,7 +7,8 @@ use super::{CommandError, Context, EXIT_ERROR, failed, task_name};
 #[derive(Debug, clap::Args)]
 pub struct Args {
     task: String,
-    /// Also delete the task's branch agentbox/<task> (its commit id is printed so it can be restored)
+    /// Also delete the task's branch agentbox/<task> and the refs keeping its earlier tips (their
+    /// commit ids are printed so they can be restored)
     #[arg(long)]
     delete_branch: bool,
     /// Stop the task first if it is still running
@@ -18,9 +19,18 @@ pub struct Args {
 pub async fn rm(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.task, EXIT_ERROR)?;
     let ws = context.workspace().map_err(failed)?;
-    let removal = manage::remove(
+    let runtime = if control::removal_needs_runtime(&ws, &task).map_err(failed)? {
+        Some(context.runtime().await.map_err(|e| {
+            failed(e).with_hint(format!(
+                "task {task} left containers or a worktree behind, and cleaning them up needs the engine"
+            ))
+        })?)
+    } else {
+        None
+    };
+    let removal = control::remove(
         &ws,
-        context.env.docker_host.as_deref(),
+        runtime.as_deref(),
         &task,
         args.delete_branch,
         args.force,
@@ -30,9 +40,9 @@ pub async fn rm(context: &Context, args: Args) -> Result<u8, CommandError> {
     for step in &removal.cleaned_up {
         eprintln!("agentbox: {}", describe(step));
     }
-    if let Some(tip) = &removal.deleted_branch_tip {
+    for (name, tip) in &removal.deleted_refs {
         eprintln!(
-            "agentbox: deleted branch agentbox/{task} (was {tip}; `git branch agentbox/{task} {tip}` restores it)"
+            "agentbox: deleted {name} (was {tip}; `git update-ref {name} {tip}` restores it)"
         );
     }
     eprintln!("agentbox: removed task {task}");

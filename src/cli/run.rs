@@ -2,8 +2,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agentbox::config::{EnvVar, parse_env_file};
-use agentbox::docker::Output;
+use agentbox::config::{Bytes, Cpus, EnvVar, NetworkSetting, parse_env_file};
+use agentbox::runtime::Output;
 use agentbox::supervisor::{self, RunEvent, RunOutcome, RunRequest, StopLevel};
 use tokio::sync::{mpsc, watch};
 
@@ -38,6 +38,10 @@ pub struct Args {
     /// Leave the worktree and the stopped container for inspection instead of tearing down
     #[arg(long)]
     keep: bool,
+    /// Keep the task's branch even if the task changed nothing (a new branch the task left at its
+    /// base is deleted by default)
+    #[arg(long)]
+    keep_branch: bool,
     /// Directory for task worktrees [default: `worktree_root` of agentbox.toml, or
     /// <repo's parent>/.agentbox-worktrees/<repo name>]
     #[arg(long, value_name = "DIR")]
@@ -52,12 +56,84 @@ pub struct Args {
     /// attach`, `logs -f` and `wait` follow it
     #[arg(short = 'd', long)]
     detach: bool,
+    #[command(flatten)]
+    limits: LimitArgs,
     /// The command to run; the image's default command when omitted
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
-fn fail(error: impl std::fmt::Display) -> CommandError {
+/// Limits of the task's container (and of its services that set none of their own).
+#[derive(Debug, Default, clap::Args)]
+pub struct LimitArgs {
+    /// CPUs the task may use, as `docker run --cpus` [default: `[limits] cpus` of agentbox.toml, or
+    /// no limit]
+    #[arg(long, value_name = "N", value_parser = parse_cpus)]
+    cpus: Option<Cpus>,
+    /// Memory the task may use (512m, 2g), as `docker run --memory`; past it the task is killed
+    /// (exit 137) [default: `[limits] memory` of agentbox.toml, or half of the machine's memory]
+    #[arg(long, short = 'm', value_name = "SIZE", value_parser = parse_bytes)]
+    memory: Option<Bytes>,
+    /// Processes and threads the task may run at once; -1 for no limit [default: `[limits] pids`
+    /// of agentbox.toml, or 4096]
+    #[arg(long = "pids-limit", value_name = "N", allow_negative_numbers = true)]
+    pids_limit: Option<i64>,
+    /// The task's network: `bridge`, a network of its own with outbound access (its services are on
+    /// it too), or `none`, no network at all [default: `network` of agentbox.toml, or bridge]
+    #[arg(long, value_name = "MODE", value_parser = parse_network)]
+    network: Option<NetworkSetting>,
+}
+
+fn parse_cpus(text: &str) -> Result<Cpus, String> {
+    text.parse()
+}
+
+fn parse_bytes(text: &str) -> Result<Bytes, String> {
+    text.parse()
+}
+
+fn parse_network(text: &str) -> Result<NetworkSetting, String> {
+    match text {
+        "bridge" => Ok(NetworkSetting::Bridge),
+        "none" => Ok(NetworkSetting::None),
+        "host" => Err("host is refused: a task on the host's network could reach every other task and every service of the machine".into()),
+        other => Err(format!("{other:?} is not a network mode (bridge or none)")),
+    }
+}
+
+impl LimitArgs {
+    /// Applies the flags over what `agentbox.toml` said; the memory limit falls back to half of
+    /// the machine's memory when neither says anything.
+    pub fn apply(
+        &self,
+        request: &mut RunRequest,
+        total_memory: Option<u64>,
+    ) -> Result<(), CommandError> {
+        if request.limits.memory_bytes.is_none() {
+            request.limits.memory_bytes = total_memory.map(|total| total / 2);
+        }
+        if let Some(cpus) = self.cpus {
+            request.limits.nano_cpus = Some(cpus.0);
+        }
+        if let Some(memory) = self.memory {
+            request.limits.memory_bytes = Some(memory.0);
+        }
+        if let Some(pids) = self.pids_limit {
+            request.limits.pids = u64::try_from(pids).ok().filter(|p| *p > 0);
+        }
+        if let Some(network) = self.network {
+            if network == NetworkSetting::None && !request.services.is_empty() {
+                return Err(fail(
+                    "--network none leaves no way to reach the [services] of agentbox.toml",
+                ));
+            }
+            request.network = network;
+        }
+        Ok(())
+    }
+}
+
+fn fail(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CommandError {
     CommandError::new(error, EXIT_AGENTBOX_FAILED)
 }
 
@@ -107,10 +183,13 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
     let env = explicit_env(context, &args)?;
     let labels = labels(&args.labels)?;
     let user = Some(args.user.unwrap_or_else(default_user));
-    let (ws, config, engine) = context.prepare_runs(args.worktree_root.as_deref()).await?;
+    let from_head = args.base.is_none().then(|| format!("task {task} starts"));
+    let (ws, config, runtime) = context
+        .prepare_runs(args.worktree_root.as_deref(), from_head.as_deref())
+        .await?;
 
     let from_config = RunRequest::from_config(task, &config, ws.repo.workdir.as_deref());
-    let request = RunRequest {
+    let mut request = RunRequest {
         image: args.image.unwrap_or(from_config.image.clone()),
         base: args.base,
         command: (!args.command.is_empty()).then_some(args.command),
@@ -119,9 +198,11 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         labels,
         user,
         keep: args.keep,
+        keep_branch: args.keep_branch,
         stop_timeout: Duration::from_secs(args.stop_timeout),
         ..from_config
     };
+    args.limits.apply(&mut request, context.env.total_memory)?;
     let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);
     let signals = tokio::spawn(forward_signals(stop_tx));
     let (events_tx, events_rx) = mpsc::channel(256);
@@ -131,7 +212,7 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         tokio::spawn(print_events(events_rx))
     };
 
-    let result = supervisor::run(&ws, &engine, request, events_tx, stop_rx).await;
+    let result = supervisor::run(&ws, &*runtime, request, events_tx, stop_rx).await;
     let _ = printer.await;
     signals.abort();
     match result {
@@ -139,6 +220,16 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         Err(supervisor::RunError::InterruptedBeforeStart { signal, task }) => {
             eprintln!("agentbox: task {task} was interrupted before its command started");
             Ok(signal.exit_code() as u8)
+        }
+        // The command ran and ended; only cleaning up after it failed. Its exit code still counts.
+        Err(
+            e @ supervisor::RunError::Teardown {
+                exit_code: Some(code),
+                ..
+            },
+        ) => {
+            CommandError::new(e, EXIT_AGENTBOX_FAILED).report();
+            Ok(u8::try_from(code).unwrap_or(EXIT_AGENTBOX_FAILED))
         }
         Err(e) => Err(fail(e)),
     }
@@ -155,15 +246,15 @@ async fn print_events(mut events: mpsc::Receiver<RunEvent>) {
                 let mut err = std::io::stderr().lock();
                 let _ = err.write_all(&bytes).and_then(|()| err.flush());
             }
+            RunEvent::Output(Output::NotStarted { .. }) => {}
+            RunEvent::Warning { message } => eprintln!("agentbox: warning: {message}"),
             RunEvent::Stopping { immediate: false } => {
                 eprintln!(
                     "agentbox: stopping the task gracefully (interrupt again to kill it now)"
                 );
             }
             RunEvent::Stopping { immediate: true } => eprintln!("agentbox: killing the task"),
-            RunEvent::StartFailed { message } => {
-                eprintln!("agentbox: the command could not be started: {message}")
-            }
+            RunEvent::StartFailed { message } => eprintln!("agentbox: {message}"),
             RunEvent::Created { ports, .. } => {
                 for (name, port) in &ports {
                     eprintln!(
@@ -173,7 +264,7 @@ async fn print_events(mut events: mpsc::Receiver<RunEvent>) {
                     );
                 }
             }
-            RunEvent::Started { .. } | RunEvent::Exited { .. } => {}
+            RunEvent::Started { .. } | RunEvent::Exited { .. } | RunEvent::OutOfMemory { .. } => {}
         }
     }
 }
@@ -186,6 +277,16 @@ fn report(outcome: &RunOutcome) -> u8 {
         eprintln!("agentbox: snapshot commit {commit} keeps uncommitted work of task {task}");
     }
     let plural = |n: usize, word: &str| format!("{n} {word}{}", if n == 1 { "" } else { "s" });
+    if summary.branch_deleted {
+        eprintln!(
+            "agentbox: task {task} exited {} and changed nothing, so its branch is gone again (--keep-branch keeps it)",
+            outcome.exit_code
+        );
+        return match outcome.stopped_by {
+            Some(signal) => signal.exit_code() as u8,
+            None => u8::try_from(outcome.exit_code).unwrap_or(EXIT_AGENTBOX_FAILED),
+        };
+    }
     eprintln!(
         "agentbox: task {task} exited {}; branch {}: {} ahead of {}, {} changed",
         outcome.exit_code,
@@ -194,12 +295,40 @@ fn report(outcome: &RunOutcome) -> u8 {
         summary.base,
         plural(summary.files_changed, "file"),
     );
-    if let Some(kept) = &summary.kept {
+    if outcome.oom_killed {
+        let limit = outcome.summary.memory_limit;
         eprintln!(
-            "agentbox: kept worktree {} and stopped container {}; `agentbox rm {task}` removes them",
-            kept.worktree.display(),
-            kept.container
+            "agentbox: {}",
+            supervisor::out_of_memory_message(task, limit)
         );
+    }
+    for problem in &summary.problems {
+        eprintln!("agentbox: warning: {problem}");
+    }
+    if !summary.left_out.is_empty() {
+        let files: Vec<String> = summary
+            .left_out
+            .iter()
+            .map(|l| format!("{} ({})", l.path, agentbox::config::Bytes(l.size)))
+            .collect();
+        eprintln!(
+            "agentbox: too large for the snapshot commit, so left out of it: {}",
+            files.join(", ")
+        );
+    }
+    if let Some(kept) = &summary.kept {
+        if kept.asked {
+            eprintln!(
+                "agentbox: kept worktree {} and stopped container {}; `agentbox rm {task}` removes them",
+                kept.worktree.display(),
+                kept.container
+            );
+        } else {
+            eprintln!(
+                "agentbox: kept worktree {} so that nothing is lost; copy out what you need, then `agentbox rm {task}` removes it",
+                kept.worktree.display()
+            );
+        }
     }
     match outcome.stopped_by {
         Some(signal) => signal.exit_code() as u8,

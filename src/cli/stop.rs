@@ -1,4 +1,4 @@
-use agentbox::manage;
+use agentbox::control;
 
 use super::{CommandError, Context, EXIT_ERROR, failed, task_name};
 
@@ -15,8 +15,15 @@ pub struct Args {
 pub async fn stop(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.task, EXIT_ERROR)?;
     let ws = context.workspace().map_err(failed)?;
-    let kill_after = args.time.map(std::time::Duration::from_secs);
-    manage::stop(&ws, &task, kill_after, context.env.docker_host.as_deref())
+    let runtime = match args.time {
+        Some(_) => Some(context.runtime().await.map_err(failed)?),
+        None => None,
+    };
+    let kill_after = args
+        .time
+        .map(std::time::Duration::from_secs)
+        .zip(runtime.as_deref());
+    control::stop(&ws, &task, kill_after)
         .await
         .map_err(failed)?;
     eprintln!("agentbox: task {task} stopped and torn down");

@@ -1,4 +1,4 @@
-use agentbox::manage;
+use agentbox::control;
 use agentbox::{TaskRecord, TaskState};
 
 use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, EXIT_ERROR, failed, task_name};
@@ -12,7 +12,7 @@ pub struct Args {
 pub async fn wait(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.task, EXIT_ERROR)?;
     let ws = context.workspace().map_err(failed)?;
-    let record = manage::wait(&ws, &task).await.map_err(failed)?;
+    let record = control::wait(&ws, &task).await.map_err(failed)?;
     ended(&record)
 }
 
@@ -21,6 +21,13 @@ pub async fn wait(context: &Context, args: Args) -> Result<u8, CommandError> {
 pub(super) fn ended(record: &TaskRecord) -> Result<u8, CommandError> {
     let task = &record.name;
     let agentbox_failed = |message: String| Err(CommandError::new(message, EXIT_AGENTBOX_FAILED));
+    if record.oom_killed {
+        let limit = record.memory_limit;
+        eprintln!(
+            "agentbox: {}",
+            agentbox::supervisor::out_of_memory_message(task, limit)
+        );
+    }
     match (record.state, record.exit_code) {
         (TaskState::Exited | TaskState::Kept | TaskState::Recovered, Some(code)) => {
             Ok(u8::try_from(code).unwrap_or(EXIT_AGENTBOX_FAILED))

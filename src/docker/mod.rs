@@ -1,23 +1,24 @@
-//! The Docker engine, through its API (bollard): images, task containers, their output and exit.
+//! The Docker engine through its API (bollard): the one implementation of [`Runtime`], and the only
+//! module that names bollard.
+
+mod containers;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::container::LogOutput;
 use bollard::errors::Error as BollardError;
-use bollard::models::{
-    ContainerCreateBody, EndpointSettings, HostConfig, NetworkCreateRequest, NetworkingConfig,
-    PortBinding,
-};
+use bollard::models::{ContainerStateStatusEnum, NetworkCreateRequest};
 use bollard::query_parameters::{
-    AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
-    ListContainersOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
+    AttachContainerOptions, CreateImageOptions, KillContainerOptions, ListContainersOptions,
+    ListNetworksOptions, RemoveContainerOptions, StopContainerOptions, WaitContainerOptions,
 };
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 
-mod leftovers;
-pub use leftovers::FoundNetwork;
+use crate::runtime::{
+    Exit, FoundContainer, FoundNetwork, ImageDefaults, NetworkSpec, OutputStream, REPO_LABEL,
+    Runtime, RuntimeError, SHARED_LABEL, Sandbox, SandboxPlan, StartError, wrap_with_setup,
+};
 
 /// The engine address used when the caller names none (`DOCKER_HOST` unset).
 pub const DEFAULT_ADDRESS: &str = "unix:///var/run/docker.sock";
@@ -26,123 +27,34 @@ pub const DEFAULT_ADDRESS: &str = "unix:///var/run/docker.sock";
 /// request.
 const REQUEST_TIMEOUT_SECS: u64 = 600;
 
-/// Capabilities a coding task never needs; the rest of Docker's default set stays so that a task
-/// running as root can still install packages.
-const DROPPED_CAPABILITIES: &[&str] = &[
-    "NET_RAW",
-    "MKNOD",
-    "AUDIT_WRITE",
-    "SYS_CHROOT",
-    "SETFCAP",
-    "SETPCAP",
-];
-
-#[derive(Debug, thiserror::Error)]
-pub enum DockerError {
-    #[error(
-        "cannot reach the Docker engine at {address}: {reason} (is it running? DOCKER_HOST selects another engine)"
-    )]
-    Unreachable { address: String, reason: String },
-    #[error(
-        "image {image} is not present locally and could not be pulled: {reason}; build agentbox's default image with images/build-base.sh, or pass --image with a local image"
-    )]
-    ImageMissing { image: String, reason: String },
-    #[error(
-        "container name {name} is already in use; remove the container or pick another task name"
-    )]
-    NameInUse { name: String },
-    #[error("service container {service} could not start: {message}")]
-    ServiceStart { service: String, message: String },
-    #[error("{action} {target} failed: {source}")]
-    Api {
-        action: &'static str,
-        target: String,
-        source: Box<BollardError>,
-    },
-}
-
-impl DockerError {
-    fn api<'a>(action: &'static str, target: &'a str) -> impl FnOnce(BollardError) -> Self + 'a {
-        move |source| Self::Api {
-            action,
-            target: target.to_owned(),
-            source: Box::new(source),
-        }
-    }
-}
-
-/// Why a created container could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// The command does not exist in the image (`docker run` exits 127 for this).
-    #[error("command not found in container {container}: {message}")]
-    NotFound { container: String, message: String },
-    /// The command exists but cannot be executed (`docker run` exits 126).
-    #[error("command cannot be executed in container {container}: {message}")]
-    NotExecutable { container: String, message: String },
-    #[error(transparent)]
-    Engine(#[from] DockerError),
-}
-
-/// Everything needed to create a task's container; all of it is known before the worktree exists,
-/// so creation overlaps with the checkout.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ContainerSpec {
-    pub name: String,
-    pub image: String,
-    /// `None` runs the image's default command.
-    pub command: Option<Vec<String>>,
-    pub env: Vec<String>,
-    pub labels: HashMap<String, String>,
-    /// `host:container[:ro]` bind mounts.
-    pub binds: Vec<String>,
-    pub working_dir: String,
-    /// `uid:gid`, or `None` for the image's user.
-    pub user: Option<String>,
-    /// Replaces the image's entrypoint (a setup wrapper does this).
-    pub entrypoint: Option<Vec<String>>,
-    /// `(container port, host port)` pairs, published on 127.0.0.1 only.
-    pub ports: Vec<(u16, u16)>,
-    /// A network to join instead of the default bridge, with the host names others reach it by.
-    pub network: Option<String>,
-    pub network_aliases: Vec<String>,
-}
-
-/// What an image runs when a container does not say otherwise.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ImageDefaults {
-    pub entrypoint: Vec<String>,
-    pub cmd: Vec<String>,
-}
-
-/// One chunk of a container's output.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Output {
-    Stdout(bytes::Bytes),
-    Stderr(bytes::Bytes),
-}
-
-/// A container found by its labels.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FoundContainer {
-    pub id: String,
-    pub name: String,
-    pub running: bool,
-    pub labels: HashMap<String, String>,
-}
-
+/// The Docker engine, connected and with an API version agreed on.
 #[derive(Debug, Clone)]
-pub struct Engine {
+pub struct DockerEngine {
     docker: Docker,
     address: String,
 }
 
-impl Engine {
+fn api<'a>(
+    action: &'static str,
+    target: &'a str,
+) -> impl FnOnce(BollardError) -> RuntimeError + 'a {
+    move |source| RuntimeError::Api {
+        action,
+        target: target.to_owned(),
+        source: Box::new(source),
+    }
+}
+
+fn is_status(e: &BollardError, codes: &[u16]) -> bool {
+    matches!(e, BollardError::DockerResponseServerError { status_code, .. } if codes.contains(status_code))
+}
+
+impl DockerEngine {
     /// Connects and agrees on an API version with the engine (Debian's 20.10 speaks 1.41; newer
     /// engines more), which also proves the engine answers before anything else is created.
-    pub async fn connect(address: Option<&str>) -> Result<Self, DockerError> {
+    pub async fn connect(address: Option<&str>) -> Result<Self, RuntimeError> {
         let address = address.unwrap_or(DEFAULT_ADDRESS).to_owned();
-        let unreachable = |reason: String| DockerError::Unreachable {
+        let unreachable = |reason: String| RuntimeError::Unreachable {
             address: address.clone(),
             reason,
         };
@@ -161,13 +73,14 @@ impl Engine {
         Ok(Self { docker, address })
     }
 
-    pub fn address(&self) -> &str {
-        &self.address
+    /// The API version agreed on with the engine.
+    pub fn api_version(&self) -> String {
+        self.docker.client_version().to_string()
     }
 
     /// Makes sure `image` is present, pulling it when a registry can be reached, and returns what it
     /// runs by default.
-    pub async fn ensure_image(&self, image: &str) -> Result<ImageDefaults, DockerError> {
+    pub async fn ensure_image(&self, image: &str) -> Result<ImageDefaults, RuntimeError> {
         if let Some(defaults) = self.image_defaults(image).await? {
             return Ok(defaults);
         }
@@ -181,19 +94,19 @@ impl Engine {
             .create_image(Some(options), None, None)
             .try_for_each(|_| async { Ok(()) })
             .await
-            .map_err(|e| DockerError::ImageMissing {
+            .map_err(|e| RuntimeError::ImageMissing {
                 image: image.to_owned(),
-                reason: e.to_string(),
+                reason: pull_failure(&e),
             })?;
         self.image_defaults(image)
             .await?
-            .ok_or_else(|| DockerError::ImageMissing {
+            .ok_or_else(|| RuntimeError::ImageMissing {
                 image: image.to_owned(),
                 reason: "the pull finished but the image is not there".into(),
             })
     }
 
-    async fn image_defaults(&self, image: &str) -> Result<Option<ImageDefaults>, DockerError> {
+    async fn image_defaults(&self, image: &str) -> Result<Option<ImageDefaults>, RuntimeError> {
         match self.docker.inspect_image(image).await {
             Ok(inspect) => {
                 let config = inspect.config.unwrap_or_default();
@@ -202,118 +115,208 @@ impl Engine {
                     cmd: config.cmd.unwrap_or_default(),
                 }))
             }
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(DockerError::api("inspecting image", image)(e)),
+            Err(e) if is_status(&e, &[404]) => Ok(None),
+            Err(e) => Err(api("inspecting image", image)(e)),
         }
     }
 
-    /// Creates a bridge network for one task and its services.
-    pub async fn create_network(
+    /// The name of the network the repository's tasks share, made if there is none. Each one made
+    /// gets a name of its own (the engine accepts two networks of one name, and then refuses to
+    /// start a container on either), and they are found by their labels: when two tasks start at
+    /// once and each makes one, every task uses the one made first and removes its own spare.
+    async fn shared_network(&self, spec: &NetworkSpec) -> Result<String, RuntimeError> {
+        let labels: Vec<String> = [REPO_LABEL, SHARED_LABEL]
+            .iter()
+            .filter_map(|key| Some(format!("{key}={}", spec.labels.get(*key)?)))
+            .collect();
+        if let Some((name, _)) = self.earliest_network(&labels).await? {
+            return Ok(name);
+        }
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let mine = NetworkSpec {
+            name: format!("{}-{:08x}", spec.name, nanos ^ std::process::id()),
+            ..spec.clone()
+        };
+        self.create_network(&mine).await?;
+        let (winner, count) =
+            self.earliest_network(&labels)
+                .await?
+                .ok_or_else(|| RuntimeError::Api {
+                    action: "creating network",
+                    target: mine.name.clone(),
+                    source: "the network is gone right after it was made".into(),
+                })?;
+        if count > 1 && winner != mine.name {
+            let _ = self.docker.remove_network(&mine.name).await;
+        }
+        Ok(winner)
+    }
+
+    /// The name of the earliest-made network carrying `labels`, and how many there are.
+    async fn earliest_network(
         &self,
-        name: &str,
-        labels: &HashMap<String, String>,
-    ) -> Result<(), DockerError> {
+        labels: &[String],
+    ) -> Result<Option<(String, usize)>, RuntimeError> {
+        let options = ListNetworksOptions {
+            filters: Some(HashMap::from([("label".to_owned(), labels.to_vec())])),
+        };
+        let found = self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .map_err(api("listing networks labelled", &labels.join(",")))?;
+        let count = found.len();
+        let earliest = found
+            .into_iter()
+            .filter_map(|n| {
+                let created = n
+                    .created
+                    .as_deref()
+                    .and_then(|c| humantime::parse_rfc3339_weak(c).ok());
+                Some((created, n.id?, n.name?))
+            })
+            .min();
+        Ok(earliest.map(|(_, _, name)| (name, count)))
+    }
+
+    /// Makes a network; returns its id.
+    async fn create_network(&self, spec: &NetworkSpec) -> Result<String, RuntimeError> {
+        let options = spec.shared_isolated.then(|| {
+            // No traffic between the containers on it: each task reaches the outside, not its
+            // neighbours.
+            HashMap::from([(
+                "com.docker.network.bridge.enable_icc".to_owned(),
+                "false".to_owned(),
+            )])
+        });
         let request = NetworkCreateRequest {
-            name: name.to_owned(),
+            name: spec.name.clone(),
             driver: Some("bridge".into()),
-            labels: Some(labels.clone()),
+            labels: Some(spec.labels.clone()),
+            options,
             ..Default::default()
         };
         match self.docker.create_network(request).await {
-            Ok(_) => Ok(()),
-            Err(BollardError::DockerResponseServerError {
-                status_code: 409, ..
-            }) => Err(DockerError::NameInUse {
-                name: name.to_owned(),
-            }),
-            Err(e) => Err(DockerError::api("creating network", name)(e)),
-        }
-    }
-
-    /// Removes a network; one that is already gone is not an error.
-    pub async fn remove_network(&self, name: &str) -> Result<(), DockerError> {
-        match self.docker.remove_network(name).await {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(DockerError::api("removing network", name)(e)),
-        }
-    }
-
-    pub async fn create_container(&self, spec: &ContainerSpec) -> Result<String, DockerError> {
-        let options = CreateContainerOptions {
-            name: Some(spec.name.clone()),
-            ..Default::default()
-        };
-        let port_key = |container: u16| format!("{container}/tcp");
-        let port_bindings = spec
-            .ports
-            .iter()
-            .map(|(container, host)| {
-                let binding = PortBinding {
-                    host_ip: Some("127.0.0.1".into()),
-                    host_port: Some(host.to_string()),
-                };
-                (port_key(*container), Some(vec![binding]))
-            })
-            .collect();
-        let networking_config = spec.network.as_ref().map(|network| NetworkingConfig {
-            endpoints_config: Some(HashMap::from([(
-                network.clone(),
-                EndpointSettings {
-                    aliases: Some(spec.network_aliases.clone()),
-                    ..Default::default()
-                },
-            )])),
-        });
-        let body = ContainerCreateBody {
-            image: Some(spec.image.clone()),
-            cmd: spec.command.clone(),
-            entrypoint: spec.entrypoint.clone(),
-            exposed_ports: Some(spec.ports.iter().map(|(c, _)| port_key(*c)).collect()),
-            networking_config,
-            env: Some(spec.env.clone()),
-            labels: Some(spec.labels.clone()),
-            working_dir: Some(spec.working_dir.clone()),
-            user: spec.user.clone(),
-            attach_stdout: Some(true),
-            attach_stderr: Some(true),
-            tty: Some(false),
-            open_stdin: Some(false),
-            host_config: Some(HostConfig {
-                binds: Some(spec.binds.clone()),
-                port_bindings: Some(port_bindings),
-                network_mode: spec.network.clone(),
-                // An init as PID 1 forwards SIGTERM to the command and reaps its children, so a
-                // graceful stop works even for a shell that would ignore signals as PID 1.
-                init: Some(true),
-                cap_drop: Some(DROPPED_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
-                security_opt: Some(vec!["no-new-privileges:true".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        match self.docker.create_container(Some(options), body).await {
             Ok(created) => Ok(created.id),
-            Err(BollardError::DockerResponseServerError {
-                status_code: 409, ..
-            }) => Err(DockerError::NameInUse {
+            Err(e) if is_status(&e, &[409]) => Err(RuntimeError::NameInUse {
                 name: spec.name.clone(),
             }),
-            Err(e) if is_not_found(&e) => Err(DockerError::ImageMissing {
-                image: spec.image.clone(),
-                reason: e.to_string(),
-            }),
-            Err(e) => Err(DockerError::api("creating container", &spec.name)(e)),
+            Err(e) => Err(api("creating network", &spec.name)(e)),
+        }
+    }
+}
+
+/// A pull that failed because no registry answers says so in plain words; the engine's own text
+/// (a DNS error, a timeout) follows for whoever needs it.
+fn pull_failure(e: &BollardError) -> String {
+    let text = e.to_string();
+    let lower = text.to_ascii_lowercase();
+    if [
+        "no such host",
+        "dial tcp",
+        "i/o timeout",
+        "connection refused",
+        "tls handshake",
+    ]
+    .iter()
+    .any(|needle| lower.contains(needle))
+    {
+        format!("no container registry could be reached ({text})")
+    } else {
+        text
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for DockerEngine {
+    fn describe(&self) -> String {
+        format!("the Docker engine at {}", self.address)
+    }
+
+    async fn create_sandbox(&self, plan: &SandboxPlan) -> Result<Sandbox, (RuntimeError, Sandbox)> {
+        let mut made = Sandbox::default();
+        let images =
+            std::iter::once(&plan.task.image).chain(plan.services.iter().map(|s| &s.image));
+        let checked = futures::future::join_all(images.map(|image| self.ensure_image(image))).await;
+        let mut checked = checked.into_iter();
+        let task_defaults = match checked.next().expect("the task's image is always checked") {
+            Ok(defaults) => defaults,
+            Err(e) => return Err((e, made)),
+        };
+        if let Some(Err(e)) = checked.find(Result::is_err) {
+            return Err((e, made));
+        }
+
+        // A shared network outlives the sandbox; which one of them the task joins is known only
+        // once it exists (see `shared_network`).
+        let mut shared_id = None;
+        if let Some(network) = &plan.network {
+            if network.shared_isolated {
+                match self.shared_network(network).await {
+                    Ok(id) => shared_id = Some(id),
+                    Err(e) => return Err((e, made)),
+                }
+            } else {
+                if let Err(e) = self.create_network(network).await {
+                    return Err((e, made));
+                }
+                made.network = Some(network.name.clone());
+            }
+        }
+        let services = futures::future::join_all(plan.services.iter().map(|spec| async move {
+            let id = self.create_container(spec).await.map_err(|e| (e, None))?;
+            match self.start(&id).await {
+                Ok(()) => Ok(id),
+                Err(StartError::Runtime(e)) => Err((e, Some(id))),
+                Err(other) => {
+                    let e = RuntimeError::ServiceStart {
+                        service: spec.name.clone(),
+                        message: other.to_string(),
+                    };
+                    Err((e, Some(id)))
+                }
+            }
+        }))
+        .await;
+        let mut failure = None;
+        for service in services {
+            match service {
+                Ok(id) => made.services.push(id),
+                Err((e, id)) => {
+                    made.services.extend(id);
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = failure {
+            return Err((e, made));
+        }
+
+        let mut task = plan.task.clone();
+        if let (Some(id), crate::runtime::Network::Named { name, .. }) =
+            (shared_id, &mut task.network)
+        {
+            *name = id;
+        }
+        if !plan.setup.is_empty() {
+            let (entrypoint, cmd) =
+                wrap_with_setup(&plan.setup, task.command.take(), &task_defaults);
+            task.entrypoint = Some(entrypoint);
+            task.command = Some(cmd);
+        }
+        match self.create_container(&task).await {
+            Ok(id) => {
+                made.container = Some(id);
+                Ok(made)
+            }
+            Err(e) => Err((e, made)),
         }
     }
 
-    /// Attaches to the container's stdout and stderr. Attach before starting so that not one byte of
-    /// early output is lost; the stream ends when the container stops.
-    pub async fn attach(
-        &self,
-        id: &str,
-    ) -> Result<impl Stream<Item = Result<Output, DockerError>> + Send + 'static + use<>, DockerError>
-    {
+    async fn attach(&self, container: &str) -> Result<OutputStream, RuntimeError> {
         let options = AttachContainerOptions {
             stream: true,
             stdout: true,
@@ -322,121 +325,98 @@ impl Engine {
         };
         let attached = self
             .docker
-            .attach_container(id, Some(options))
+            .attach_container(container, Some(options))
             .await
-            .map_err(DockerError::api("attaching to container", id))?;
-        let id = id.to_owned();
-        Ok(attached.output.filter_map(move |chunk| {
-            let item = match chunk {
-                Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
-                    Some(Ok(Output::Stdout(message)))
-                }
-                Ok(LogOutput::StdErr { message }) => Some(Ok(Output::Stderr(message))),
-                Ok(LogOutput::StdIn { .. }) => None,
-                Err(e) => Some(Err(DockerError::api("reading output of container", &id)(e))),
-            };
-            std::future::ready(item)
-        }))
+            .map_err(api("attaching to container", container))?;
+        Ok(containers::output_stream(
+            attached.output,
+            container.to_owned(),
+        ))
     }
 
-    pub async fn start(&self, id: &str) -> Result<(), StartError> {
-        match self.docker.start_container(id, None).await {
-            Ok(()) => Ok(()),
-            Err(BollardError::DockerResponseServerError { message, .. })
-                if start_failure_code(&message) == Some(127) =>
-            {
-                Err(StartError::NotFound {
-                    container: id.to_owned(),
-                    message,
-                })
-            }
-            Err(BollardError::DockerResponseServerError { message, .. })
-                if start_failure_code(&message) == Some(126) =>
-            {
-                Err(StartError::NotExecutable {
-                    container: id.to_owned(),
-                    message,
-                })
-            }
-            Err(e) => Err(DockerError::api("starting container", id)(e).into()),
-        }
+    async fn start(&self, container: &str) -> Result<(), StartError> {
+        self.start_container(container).await
     }
 
-    /// Waits until the container is not running and returns its exit code. Asked after the start,
-    /// with condition `not-running`, it cannot miss an exit that already happened.
-    pub async fn wait(&self, id: &str) -> Result<i64, DockerError> {
+    async fn wait(&self, container: &str) -> Result<Exit, RuntimeError> {
         let options = WaitContainerOptions {
             condition: "not-running".into(),
         };
-        let mut waits = self.docker.wait_container(id, Some(options));
-        match waits.next().await {
-            Some(Ok(response)) => Ok(response.status_code),
+        let mut waits = self.docker.wait_container(container, Some(options));
+        let code = match waits.next().await {
+            Some(Ok(response)) => response.status_code,
             // bollard reports a non-zero exit as an error; for us it is an ordinary result.
-            Some(Err(BollardError::DockerContainerWaitError { code, .. })) => Ok(code),
-            Some(Err(e)) => Err(DockerError::api("waiting for container", id)(e)),
-            None => Err(DockerError::Api {
-                action: "waiting for container",
-                target: id.to_owned(),
-                source: Box::new(BollardError::DockerStreamError {
-                    error: "the engine closed the wait without an exit code".into(),
-                }),
-            }),
-        }
+            Some(Err(BollardError::DockerContainerWaitError { code, .. })) => code,
+            Some(Err(e)) => return Err(api("waiting for container", container)(e)),
+            None => {
+                return Err(RuntimeError::Api {
+                    action: "waiting for container",
+                    target: container.to_owned(),
+                    source: "the engine closed the wait without an exit code".into(),
+                });
+            }
+        };
+        // The kernel's OOM killer sends SIGKILL: only a 137 can be one, and only then is the
+        // container asked.
+        let oom_killed = code == 137
+            && match self.docker.inspect_container(container, None).await {
+                Ok(inspect) => inspect.state.and_then(|s| s.oom_killed).unwrap_or(false),
+                Err(_) => false,
+            };
+        Ok(Exit { code, oom_killed })
     }
 
-    /// Sends SIGTERM, then SIGKILL after `grace` (the engine does both).
-    pub async fn stop(&self, id: &str, grace: Duration) -> Result<(), DockerError> {
+    async fn stop(&self, container: &str, grace: Duration) -> Result<(), RuntimeError> {
         let options = StopContainerOptions {
             t: Some(i32::try_from(grace.as_secs()).unwrap_or(i32::MAX)),
             signal: None,
         };
-        match self.docker.stop_container(id, Some(options)).await {
+        match self.docker.stop_container(container, Some(options)).await {
             Ok(()) => Ok(()),
             // 304: already stopped; 404: already gone. Either way it is not running.
-            Err(BollardError::DockerResponseServerError {
-                status_code: 304 | 404,
-                ..
-            }) => Ok(()),
-            Err(e) => Err(DockerError::api("stopping container", id)(e)),
+            Err(e) if is_status(&e, &[304, 404]) => Ok(()),
+            Err(e) => Err(api("stopping container", container)(e)),
         }
     }
 
-    pub async fn kill(&self, id: &str) -> Result<(), DockerError> {
+    async fn kill(&self, container: &str) -> Result<(), RuntimeError> {
         let options = KillContainerOptions {
             signal: "KILL".into(),
         };
-        match self.docker.kill_container(id, Some(options)).await {
+        match self.docker.kill_container(container, Some(options)).await {
             Ok(()) => Ok(()),
             // 409: not running any more; 404: gone.
-            Err(BollardError::DockerResponseServerError {
-                status_code: 404 | 409,
-                ..
-            }) => Ok(()),
-            Err(e) => Err(DockerError::api("killing container", id)(e)),
+            Err(e) if is_status(&e, &[404, 409]) => Ok(()),
+            Err(e) => Err(api("killing container", container)(e)),
         }
     }
 
-    /// Removes the container, killing it first if it still runs. A container that is already gone
-    /// is not an error.
-    pub async fn remove(&self, id: &str) -> Result<(), DockerError> {
+    async fn remove_container(&self, container: &str) -> Result<(), RuntimeError> {
         let options = RemoveContainerOptions {
             force: true,
             v: true,
             ..Default::default()
         };
-        match self.docker.remove_container(id, Some(options)).await {
+        match self.docker.remove_container(container, Some(options)).await {
             Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            // 409: removal already in progress, by us or another agentbox.
-            Err(BollardError::DockerResponseServerError {
-                status_code: 409, ..
-            }) => Ok(()),
-            Err(e) => Err(DockerError::api("removing container", id)(e)),
+            // 404: gone; 409: removal already in progress, by us or another agentbox.
+            Err(e) if is_status(&e, &[404, 409]) => Ok(()),
+            Err(e) => Err(api("removing container", container)(e)),
         }
     }
 
-    /// Containers (running or not) carrying every one of `labels` (`key=value` or `key`).
-    pub async fn find(&self, labels: &[String]) -> Result<Vec<FoundContainer>, DockerError> {
+    async fn remove_network(&self, network: &str) -> Result<(), RuntimeError> {
+        match self.docker.remove_network(network).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, &[404]) => Ok(()),
+            Err(e) => Err(api("removing network", network)(e)),
+        }
+    }
+
+    async fn find_containers(
+        &self,
+        labels: &[String],
+    ) -> Result<Vec<FoundContainer>, RuntimeError> {
         let options = ListContainersOptions {
             all: true,
             filters: Some(HashMap::from([("label".to_owned(), labels.to_vec())])),
@@ -446,10 +426,7 @@ impl Engine {
             .docker
             .list_containers(Some(options))
             .await
-            .map_err(DockerError::api(
-                "listing containers labelled",
-                &labels.join(","),
-            ))?;
+            .map_err(api("listing containers labelled", &labels.join(",")))?;
         Ok(found
             .into_iter()
             .map(|c| FoundContainer {
@@ -466,16 +443,41 @@ impl Engine {
             })
             .collect())
     }
-}
 
-fn is_not_found(e: &BollardError) -> bool {
-    matches!(
-        e,
-        BollardError::DockerResponseServerError {
-            status_code: 404,
-            ..
-        }
-    )
+    async fn find_networks(&self, labels: &[String]) -> Result<Vec<FoundNetwork>, RuntimeError> {
+        let options = ListNetworksOptions {
+            filters: Some(HashMap::from([("label".to_owned(), labels.to_vec())])),
+        };
+        let found = self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .map_err(api("listing networks labelled", &labels.join(",")))?;
+        Ok(found
+            .into_iter()
+            .map(|n| FoundNetwork {
+                id: n.id.unwrap_or_default(),
+                name: n.name.unwrap_or_default(),
+                labels: n.labels.unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn exit_if_ended(&self, container: &str) -> Result<Option<Exit>, RuntimeError> {
+        let inspect = match self.docker.inspect_container(container, None).await {
+            Ok(inspect) => inspect,
+            Err(e) if is_status(&e, &[404]) => return Ok(None),
+            Err(e) => return Err(api("inspecting container", container)(e)),
+        };
+        let state = inspect.state.unwrap_or_default();
+        Ok(match (state.status, state.exit_code) {
+            (Some(ContainerStateStatusEnum::EXITED), Some(code)) => Some(Exit {
+                code,
+                oom_killed: state.oom_killed.unwrap_or(false),
+            }),
+            _ => None,
+        })
+    }
 }
 
 /// Splits `name[:tag]` the way the engine does: a colon after the last slash starts the tag.
@@ -486,19 +488,6 @@ fn split_tag(image: &str) -> (&str, &str) {
     match image.rfind(':') {
         Some(colon) if !image[colon..].contains('/') => (&image[..colon], &image[colon + 1..]),
         _ => (image, "latest"),
-    }
-}
-
-/// The exit code `docker run` reports when the runtime could not start the command: 127 when it does
-/// not exist, 126 when it exists but cannot be executed.
-fn start_failure_code(message: &str) -> Option<i64> {
-    let lower = message.to_ascii_lowercase();
-    if lower.contains("executable file not found") || lower.contains("no such file or directory") {
-        Some(127)
-    } else if lower.contains("permission denied") || lower.contains("exec format error") {
-        Some(126)
-    } else {
-        None
     }
 }
 
@@ -521,20 +510,5 @@ mod tests {
             split_tag("localhost:5000/img:1"),
             ("localhost:5000/img", "1")
         );
-    }
-
-    #[test]
-    fn maps_runtime_start_failures_to_docker_run_codes() {
-        assert_eq!(
-            start_failure_code(
-                r#"OCI runtime create failed: exec: "nope": executable file not found in $PATH: unknown"#
-            ),
-            Some(127)
-        );
-        assert_eq!(
-            start_failure_code(r#"exec: "/x.sh": permission denied: unknown"#),
-            Some(126)
-        );
-        assert_eq!(start_failure_code("cgroup setup failed"), None);
     }
 }

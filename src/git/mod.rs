@@ -1,11 +1,27 @@
-//! The host repository: finding it, reading refs and identity (gix), and the worktree and commit steps
-//! that gix does not offer yet (the git CLI, see [`cli`]).
+//! Git for agentbox: the host repository (found and read through gix), each task's own git dir
+//! ([`task_dirs`]), bringing a task's commits into the host repository ([`import`]) and committing
+//! what a task left uncommitted ([`snapshot`]). The git CLI, with a pinned environment, does what gix
+//! does not offer ([`command`]).
+//!
+//! # Guarded git
+//!
+//! A task never sees the host repository's git dir: it gets a git dir of its own, made and owned by
+//! agentbox outside the repository, that borrows the repository's objects read-only and holds the
+//! task's own refs, index and stash. Its configuration is agentbox's and read-only to the task. While
+//! the task runs and when it ends, agentbox imports its branch into the repository's
+//! `agentbox/<task>` with `git fetch` and fsck, never running git with the task's git dir: every byte
+//! the task could write is data to the host, never configuration, hooks or a git dir to obey.
 
-mod cli;
+pub mod command;
+pub mod import;
+pub mod snapshot;
+pub mod task_dirs;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-pub use cli::{GitCli, WorktreeEntry};
+pub use command::Git;
+pub use task_dirs::TaskDirs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GitError {
@@ -34,10 +50,30 @@ pub enum GitError {
         dir: PathBuf,
         stderr: String,
     },
-    #[error("cannot take the worktree lock {}: {source}", path.display())]
-    WorktreeLock {
+    #[error("`git {args}` in {} did not finish within {}s and was stopped", dir.display(), limit.as_secs())]
+    TimedOut {
+        args: String,
+        dir: PathBuf,
+        limit: Duration,
+    },
+    #[error("the repository {} has no commits yet; commit something first", repo.display())]
+    NoCommits { repo: PathBuf },
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error(transparent)]
+    Guard(#[from] crate::fs_guard::GuardError),
+    #[error(
+        "the git dir of task {task} ({}) was tampered with: {what}; agentbox keeps it and the worktree as they are",
+        git_dir.display()
+    )]
+    Tampered {
+        task: String,
+        git_dir: PathBuf,
+        what: String,
     },
     #[error("cannot run git (is it installed and on PATH?): {0}")]
     Spawn(#[source] std::io::Error),
@@ -115,9 +151,14 @@ impl Repo {
         })
     }
 
-    /// The git CLI without worktree serialisation; [`Workspace::git`](crate::Workspace::git) adds it.
-    pub(crate) fn cli(&self) -> GitCli {
-        GitCli::new(self.repo_dir.clone())
+    /// The git CLI in this repository.
+    pub fn git(&self) -> Git {
+        Git::host(&self.repo_dir)
+    }
+
+    /// The repository's object directory, which every task reads (read-only) through its own git dir.
+    pub fn objects_dir(&self) -> PathBuf {
+        self.common_dir.join("objects")
     }
 
     fn local(&self) -> gix::Repository {
@@ -140,7 +181,15 @@ impl Repo {
             repo: self.repo_dir.clone(),
             reason,
         };
-        let id = repo.rev_parse_single(rev).map_err(|e| bad(e.to_string()))?;
+        let id = match repo.rev_parse_single(rev) {
+            Ok(id) => id,
+            Err(_) if !self.has_commits() => {
+                return Err(GitError::NoCommits {
+                    repo: self.repo_dir.clone(),
+                });
+            }
+            Err(e) => return Err(bad(e.to_string())),
+        };
         let commit = id
             .object()
             .and_then(|o| o.peel_to_commit())
@@ -226,9 +275,130 @@ impl Repo {
         })
     }
 
-    /// Where a linked worktree's administrative files live inside the common dir.
-    pub fn worktree_admin_dir(&self, worktree_name: &str) -> PathBuf {
-        self.common_dir.join("worktrees").join(worktree_name)
+    /// The repository's line-ending and case settings, which a task's git dir repeats so that the
+    /// task sees its files as the user does.
+    pub fn portable_settings(&self) -> Vec<(&'static str, String)> {
+        let repo = self.local();
+        let config = repo.config_snapshot();
+        [
+            "autocrlf",
+            "eol",
+            "ignorecase",
+            "precomposeunicode",
+            "safecrlf",
+        ]
+        .into_iter()
+        .filter_map(|key| {
+            let value = config.string(format!("core.{key}").as_str())?.to_string();
+            let plain = value.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            plain.then_some((key, value))
+        })
+        .collect()
+    }
+
+    /// Whether the checkout agentbox was started in has changes to tracked files (staged or not)
+    /// that a task, starting from a commit, would not see. `false` in a bare repository.
+    pub async fn checkout_is_dirty(&self) -> Result<bool, GitError> {
+        let Some(workdir) = &self.workdir else {
+            return Ok(false);
+        };
+        let out = Git::host(workdir)
+            .run(&[
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--ignore-submodules=all",
+            ])
+            .await?;
+        Ok(!out.stdout.is_empty())
+    }
+
+    /// Whether any branch or tag of the repository names a commit (a fresh `git init` has none).
+    pub fn has_commits(&self) -> bool {
+        let repo = self.local();
+        let Ok(platform) = repo.references() else {
+            return false;
+        };
+        let Ok(mut all) = platform.all() else {
+            return false;
+        };
+        all.any(|r| r.is_ok())
+    }
+
+    /// Whether `ancestor` is reachable from `descendant` (a commit is its own ancestor).
+    pub fn is_ancestor(
+        &self,
+        ancestor: gix::ObjectId,
+        descendant: gix::ObjectId,
+    ) -> Result<bool, GitError> {
+        if ancestor == descendant {
+            return Ok(true);
+        }
+        Ok(self.merge_base(ancestor, descendant)? == Some(ancestor))
+    }
+
+    /// The tree of a commit and the first line of its message.
+    pub fn tree_and_subject(
+        &self,
+        commit: gix::ObjectId,
+    ) -> Result<(gix::ObjectId, String), GitError> {
+        let repo = self.local();
+        let what = commit.to_string();
+        let commit = repo
+            .find_commit(commit)
+            .map_err(|e| self.read_error(&what, e))?;
+        let tree = commit.tree_id().map_err(|e| self.read_error(&what, e))?;
+        let message = commit.message_raw_sloppy().to_string();
+        let subject = message.lines().next().unwrap_or_default().to_owned();
+        Ok((tree.detach(), subject))
+    }
+
+    /// Whether the repository holds the object.
+    pub fn has_object(&self, id: gix::ObjectId) -> bool {
+        self.local().has_object(id)
+    }
+
+    /// The branches, tags and remote-tracking branches a task may read (`git log main` inside),
+    /// as `(full name, target)` pairs sorted by name; symbolic refs and `except` are left out.
+    pub fn refs_for_tasks(&self, except: &str) -> Result<Vec<(String, gix::ObjectId)>, GitError> {
+        let repo = self.local();
+        let platform = repo
+            .references()
+            .map_err(|e| self.read_error("references", e))?;
+        let mut refs = Vec::new();
+        for prefix in ["refs/heads/", "refs/remotes/", "refs/tags/"] {
+            let iter = platform
+                .prefixed(prefix)
+                .map_err(|e| self.read_error("references", e))?;
+            for reference in iter {
+                let reference = reference.map_err(|e| self.read_error("references", e))?;
+                let name = reference.name().as_bstr().to_string();
+                if name == except {
+                    continue;
+                }
+                if let Some(id) = reference.target().try_id() {
+                    refs.push((name, id.to_owned()));
+                }
+            }
+        }
+        refs.sort();
+        Ok(refs)
+    }
+
+    /// Names of the refs under `prefix` (`refs/agentbox/<task>/previous/`).
+    pub fn ref_names(&self, prefix: &str) -> Result<Vec<String>, GitError> {
+        let repo = self.local();
+        let platform = repo
+            .references()
+            .map_err(|e| self.read_error("references", e))?;
+        let iter = platform
+            .prefixed(prefix)
+            .map_err(|e| self.read_error("references", e))?;
+        iter.map(|r| {
+            r.map(|r| r.name().as_bstr().to_string())
+                .map_err(|e| self.read_error("references", e))
+        })
+        .collect()
     }
 }
 

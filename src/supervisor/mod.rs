@@ -6,67 +6,76 @@
 //! second `run` of the same name is refused and a dead run can be recognised), writes the task's record
 //! before each step acts, and then
 //!
-//! 1. creates the branch and checks out the worktree *while* it makes sure the image exists and creates
+//! 1. makes the task's branch in the repository (if it is new) and the task's own git dirs, then
+//!    checks out the worktree *while* the engine checks the images, starts the services and creates
 //!    the container: every path the container mounts is known in advance, so the two slow steps
 //!    overlap;
 //! 2. attaches to the container's output *before* starting it, so no early byte is lost, and pumps the
-//!    output into the task's log file and to the caller as [`RunEvent::Output`];
-//! 3. waits for the exit while watching the stop channel: the first stop request stops the container
-//!    gracefully (SIGTERM, grace period, SIGKILL), a second one kills it at once;
-//! 4. tears down: removes the container while it commits whatever the task left uncommitted to the
-//!    task's branch (one snapshot commit, hooks disabled) and then removes the worktree. The branch
-//!    stays. If the snapshot fails, the worktree stays too: work is never thrown away.
+//!    output into the task's log and to the caller as [`RunEvent::Output`];
+//! 3. while the command runs, imports the task's commits into the repository's `agentbox/<task>` as
+//!    they appear ([`live_import`]), and watches the stop channel: the first stop request stops the
+//!    container gracefully (SIGTERM, grace period, SIGKILL), a second one kills it at once;
+//! 4. tears down through [`teardown`](crate::teardown): containers, import, snapshot, removal, ports.
+//!    The branch stays; whatever could not be committed keeps the worktree in place.
 //!
-//! A failure before the command started rolls back everything this run made (container, worktree, a
-//! branch it created and that still points at the base, the record).
+//! A failure before the command started rolls back everything this run made (containers, network,
+//! worktree and git dirs, a branch it created that still points at the base, the ports, the record).
 
+mod live_import;
+mod output;
 mod plan;
 mod request;
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::Write;
-use std::path::PathBuf;
 use std::time::SystemTime;
 
-use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 
 pub use request::{
-    DEFAULT_IMAGE, Kept, RunError, RunEvent, RunOutcome, RunRequest, RunSummary, StopLevel,
-    StopSignal,
+    DEFAULT_IMAGE, DEFAULT_LOG_MAX, DEFAULT_PIDS_LIMIT, Kept, RunError, RunEvent, RunOutcome,
+    RunRequest, RunSummary, StopLevel, StopSignal,
 };
 
 use crate::config::EnvVar;
-use crate::docker::{DockerError, Engine, Output, StartError};
 use crate::environment;
-use crate::git::Identity;
+use crate::fs_guard::GuardedDir;
+use crate::git::{Identity, TaskDirs};
 use crate::ports::Owner;
-use crate::sandbox::{Sandbox, SandboxPlan};
-use crate::state::{StateError, TaskClaim};
+use crate::runtime::{Exit, Runtime, RuntimeError, Sandbox, SandboxPlan, StartError};
+use crate::state::TaskClaim;
 use crate::task::{TaskName, TaskRecord, TaskState};
+use crate::teardown::{self, Ending, Leftovers};
 use crate::workspace::Workspace;
-use plan::{all_port_mappings, copy_into, own_files, plan, port_names};
+use plan::{all_port_mappings, own_files, plan, port_names};
+
+const ZERO_ID: &str = "0000000000000000000000000000000000000000";
 
 /// Runs the task to its end. See the module documentation for the order of steps.
 pub async fn run(
     ws: &Workspace,
-    engine: &Engine,
+    runtime: &dyn Runtime,
     request: RunRequest,
     events: mpsc::Sender<RunEvent>,
     stop: watch::Receiver<StopLevel>,
 ) -> Result<RunOutcome, RunError> {
     let task = request.task.clone();
-    let claim = ws
-        .state
-        .try_claim(&task)?
+    // Checked before anything is written, so that a bad base leaves no trace.
+    let base = request.base.clone().unwrap_or_else(|| ws.repo.head_name());
+    let base_id = ws.repo.resolve_commit(&base)?;
+
+    let state = ws.state.clone();
+    let claim_task = task.clone();
+    let claim = tokio::task::spawn_blocking(move || state.try_claim(&claim_task))
+        .await
+        .expect("claiming a task does not panic")?
         .ok_or_else(|| RunError::AlreadyRunning { task: task.clone() })?;
     let previous = ws.state.read(&task)?;
     if let Some(previous) = &previous {
         // A run that died left the task half-way: finish its teardown (the work goes to the
         // branch), then continue on the branch.
-        crate::gc::recover_left_behind(ws, engine, previous, &claim, request.stop_timeout).await?;
-        if previous.state == TaskState::Kept {
+        crate::recovery::recover_for_run(ws, runtime, previous, &claim, request.stop_timeout)
+            .await?;
+        if !previous.state.can_start() {
             return Err(RunError::KeptBefore {
                 task,
                 worktree: previous.worktree.clone(),
@@ -74,21 +83,21 @@ pub async fn run(
         }
     }
 
-    let base = request.base.clone().unwrap_or_else(|| ws.repo.head_name());
-    let base_id = ws.repo.resolve_commit(&base)?;
     let branch = task.branch();
     let existing_tip = ws.repo.branch_tip(&branch)?;
     let base_commit = match existing_tip {
         Some(tip) => ws.repo.merge_base(base_id, tip)?.unwrap_or(base_id),
         None => base_id,
-    }
-    .to_string();
+    };
     let worktree = ws.worktree_path(&task);
-    if worktree.exists() {
-        return Err(RunError::WorktreeExists {
-            task,
-            path: worktree,
-        });
+    let dirs = ws.task_dirs(&task, &worktree);
+    for path in [&dirs.worktree, &dirs.git_dir, &dirs.scratch] {
+        if path.exists() {
+            return Err(RunError::WorktreeExists {
+                task,
+                path: path.clone(),
+            });
+        }
     }
     let identity = ws.repo.identity().unwrap_or_else(Identity::fallback);
 
@@ -100,18 +109,16 @@ pub async fn run(
     let preferred: BTreeMap<String, u16> = previous
         .iter()
         .flat_map(|p| p.ports.iter().map(|(name, m)| (name.clone(), m.host)))
+        .filter(|(_, port)| request.port_range.contains(*port))
         .collect();
     let wanted = port_names(&request);
-    let ledger = ws.ports.clone();
-    let range = request.port_range;
-    let reserve_owner = owner.clone();
+    let (ledger, range, reserve_owner) = (ws.ports.clone(), request.port_range, owner.clone());
     let host_ports = tokio::task::spawn_blocking(move || {
         ledger.reserve(&reserve_owner, &wanted, range, &preferred)
     })
     .await
     .expect("reserving ports does not panic")?;
-    let planned = plan(ws, &request, &worktree, &identity, &host_ports);
-    let (plan, env) = match planned {
+    let (plan, env) = match plan(ws, &request, &dirs, &identity, &host_ports) {
         Ok(planned) => planned,
         Err(e) => {
             let _ = ws.ports.release(&owner);
@@ -124,7 +131,7 @@ pub async fn run(
         state: TaskState::Creating,
         branch: branch.clone(),
         base: base.clone(),
-        base_commit: base_commit.clone(),
+        base_commit: base_commit.to_string(),
         image: request.image.clone(),
         command: request.command.clone().unwrap_or_default(),
         worktree: worktree.clone(),
@@ -139,28 +146,31 @@ pub async fn run(
         error: None,
         ports: all_port_mappings(&request, &host_ports),
         env: environment::masked(&env),
-        services: plan.services.iter().map(|s| s.name.clone()).collect(),
-        network: plan.network.clone(),
         own_files: own_files(&request),
+        left_out: Vec::new(),
+        oom_killed: false,
+        memory_limit: request.limits.memory_bytes,
     };
-    if let Err(e) = ws.state.write(&record) {
+    if let Err(e) = ws.state.save(&record).await {
         let _ = ws.ports.release(&owner);
         return Err(e.into());
     }
 
     let mut run = Supervised {
         ws,
-        engine,
+        runtime,
         request,
         record,
+        dirs,
         identity,
         owner,
         env,
         events,
         stop,
-        claim,
+        claim: std::sync::Arc::new(claim),
+        start: existing_tip.unwrap_or(base_id),
     };
-    match run.create(plan).await {
+    match run.create(&plan).await {
         Ok(sandbox) => run.supervise(sandbox).await,
         Err(failure) => Err(run.roll_back(failure).await),
     }
@@ -168,9 +178,10 @@ pub async fn run(
 
 struct Supervised<'a> {
     ws: &'a Workspace,
-    engine: &'a Engine,
+    runtime: &'a dyn Runtime,
     request: RunRequest,
     record: TaskRecord,
+    dirs: TaskDirs,
     identity: Identity,
     owner: Owner,
     /// The full environment, secrets included; it is written only to the worktree's env file.
@@ -178,14 +189,15 @@ struct Supervised<'a> {
     events: mpsc::Sender<RunEvent>,
     stop: watch::Receiver<StopLevel>,
     /// Held for as long as the task runs: it is what "supervised" means to everyone else.
-    claim: TaskClaim,
+    claim: std::sync::Arc<TaskClaim>,
+    /// The commit the worktree is checked out at.
+    start: gix::ObjectId,
 }
 
-/// A setup step that failed, with what existed at that point for the rollback to undo.
+/// A creation step that failed, with what existed at that point for the rollback to undo.
 struct SetupFailure {
     error: RunError,
     sandbox: Sandbox,
-    worktree: bool,
 }
 
 impl Supervised<'_> {
@@ -193,9 +205,9 @@ impl Supervised<'_> {
         &self.record.name
     }
 
-    fn save(&mut self, state: TaskState) -> Result<(), StateError> {
+    async fn save(&mut self, state: TaskState) -> Result<(), RunError> {
         self.record.state = state;
-        self.ws.state.write(&self.record)
+        self.ws.state.save(&self.record).await.map_err(Into::into)
     }
 
     async fn emit(&self, event: RunEvent) {
@@ -203,124 +215,129 @@ impl Supervised<'_> {
         let _ = self.events.send(event).await;
     }
 
-    /// Checks out and fills the worktree while the images are checked, the services started and the
-    /// task's container created.
-    async fn create(&mut self, plan: SandboxPlan) -> Result<Sandbox, SetupFailure> {
-        let io_failure = |action, path: PathBuf, source| SetupFailure {
-            error: RunError::Io {
-                action,
-                path,
-                source,
-            },
+    /// Makes the branch and the git dirs, then checks out and fills the worktree while the engine
+    /// creates the sandbox.
+    async fn create(&mut self, plan: &SandboxPlan) -> Result<Sandbox, SetupFailure> {
+        let fail = |error: RunError| SetupFailure {
+            error,
             sandbox: Sandbox::default(),
-            worktree: false,
         };
-        let hooks = self.ws.repo.common_dir.join("hooks");
-        // Docker would create a missing bind source itself, as root; make it ours first.
-        std::fs::create_dir_all(&hooks)
-            .map_err(|e| io_failure("create the hooks directory", hooks, e))?;
-        let exclude =
-            environment::exclude_from_git(&self.ws.repo.common_dir, &self.request.env_file_name);
-        exclude.map_err(|e| {
-            let info = self.ws.repo.common_dir.join("info/exclude");
-            io_failure("add the env file to", info, e)
-        })?;
+        let (repo, dirs, start, own) = (
+            self.ws.repo.clone(),
+            self.dirs.clone(),
+            self.start,
+            self.record.own_files.clone(),
+        );
+        tokio::task::spawn_blocking(move || dirs.create(&repo, start, &own))
+            .await
+            .expect("creating directories does not panic")
+            .map_err(|e| fail(e.into()))?;
 
-        let cli = self.ws.git();
-        let reason = format!("agentbox task {} is running", self.task());
-        let create_at = self
-            .record
-            .created_branch
-            .then_some(self.record.base_commit.as_str());
-        let worktree = self.record.worktree.clone();
-        let env_file = worktree.join(&self.request.env_file_name);
-        let env_vars = &self.env;
-        let request = &self.request;
         let checkout = async {
-            cli.add_worktree(&worktree, &self.record.branch, create_at, &reason)
-                .await
-                .map_err(|e| (RunError::from(e), false))?;
-            if let Some(source) = &request.copy_from {
-                copy_into(source, &worktree, &request.copy).map_err(|e| (e, true))?;
-            } else if let Some(first) = request.copy.first() {
-                let error = RunError::CopyWithoutCheckout {
-                    path: first.clone(),
-                };
-                return Err((error, true));
+            if self.record.created_branch {
+                let message = format!("agentbox: task {} starts", self.task());
+                self.ws
+                    .repo
+                    .git()
+                    .run(&[
+                        "update-ref",
+                        "--create-reflog",
+                        "-m",
+                        &message,
+                        &self.dirs.branch_ref(),
+                        &self.record.base_commit,
+                        ZERO_ID,
+                    ])
+                    .await?;
             }
-            // The env file holds secrets: it lives only in the worktree (mode 0600, ignored by
-            // git) for as long as the task does.
-            environment::write_env_file(&env_file, env_vars).map_err(|source| {
-                let error = RunError::Io {
-                    action: "write env file",
-                    path: env_file.clone(),
-                    source,
-                };
-                (error, true)
-            })
+            self.dirs
+                .checkout(&self.ws.repo, self.request.checkout_workers)
+                .await?;
+            let (dirs, request, env) = (self.dirs.clone(), self.request.clone(), self.env.clone());
+            tokio::task::spawn_blocking(move || fill_worktree(&dirs, &request, &env))
+                .await
+                .expect("filling the worktree does not panic")
         };
-        let sandbox = Sandbox::create(self.engine, plan);
+        let sandbox = self.runtime.create_sandbox(plan);
         let (checkout, sandbox) = tokio::join!(checkout, sandbox);
         match (checkout, sandbox) {
             (Ok(()), Ok(sandbox)) => Ok(sandbox),
             (checkout, sandbox) => {
-                let worktree_made = match &checkout {
-                    Ok(()) => true,
-                    Err((_, made)) => *made,
-                };
-                let (docker_error, sandbox) = match sandbox {
+                let (engine_error, sandbox) = match sandbox {
                     Ok(sandbox) => (None, sandbox),
                     Err((e, sandbox)) => (Some(e), sandbox),
                 };
                 // The engine's error first: it is the one a missing image or a dead engine causes.
-                let error = match (docker_error, checkout) {
-                    (Some(e), _) => RunError::from(e),
-                    (None, Err((e, _))) => e,
+                let error = match (engine_error, checkout) {
+                    (Some(e), _) => self.engine_error(e),
+                    (None, Err(e)) => e,
                     (None, Ok(())) => unreachable!("one side failed"),
                 };
-                Err(SetupFailure {
-                    error,
-                    sandbox,
-                    worktree: worktree_made,
-                })
+                Err(SetupFailure { error, sandbox })
             }
         }
     }
 
-    /// Undoes a failed setup. Nothing has run in the worktree yet, so there is no work to keep; a
+    fn engine_error(&self, e: RuntimeError) -> RunError {
+        match e {
+            RuntimeError::ImageMissing { image, reason } if image == DEFAULT_IMAGE => {
+                RunError::DefaultImageMissing { image, reason }
+            }
+            other => other.into(),
+        }
+    }
+
+    /// Undoes a failed creation. Nothing has run in the worktree yet, so there is no work to keep; a
     /// branch this run created is deleted only if it still points at the base.
     async fn roll_back(&mut self, failure: SetupFailure) -> RunError {
-        let SetupFailure {
-            error,
-            sandbox,
-            worktree,
-        } = failure;
-        let cli = self.ws.git();
-        let docker = sandbox.remove(self.engine);
-        let git = async {
-            // The path did not exist before this run (checked up front), so whatever is there now
-            // is this run's, even when `worktree add` failed half-way.
-            if worktree || self.record.worktree.exists() {
-                cli.remove_worktree(&self.record.worktree)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            if self.record.created_branch {
-                // Ignored failure: the branch may never have been created.
-                let _ = cli
-                    .delete_branch_if_at(&self.record.branch, &self.record.base_commit)
-                    .await;
-            }
-            Ok::<_, String>(())
-        };
-        let (mut problems, git) = tokio::join!(docker, git);
-        problems.extend(git.err());
-        if let Err(e) = self.ws.ports.release(&self.owner) {
-            problems.push(e.to_string());
+        let SetupFailure { error, sandbox } = failure;
+        let mut problems: Vec<String> = self
+            .runtime
+            .remove_sandbox(&sandbox)
+            .await
+            .into_iter()
+            .map(|e| e.to_string())
+            .collect();
+        let dirs = self.dirs.clone();
+        let removed = tokio::task::spawn_blocking(move || dirs.remove())
+            .await
+            .expect("removing directories does not panic");
+        problems.extend(removed.err().map(|e| e.to_string()));
+        if self.record.created_branch {
+            // A failure here is not a problem: the branch may never have been created, and one that
+            // moved holds work.
+            let _ = self
+                .ws
+                .repo
+                .git()
+                .run(&[
+                    "update-ref",
+                    "-d",
+                    &self.dirs.branch_ref(),
+                    &self.record.base_commit,
+                ])
+                .await;
         }
-        if let Err(e) = self.ws.state.remove(self.task(), &self.claim) {
-            problems.push(e.to_string());
-        }
+        let (ports, owner, state, task, claim) = (
+            self.ws.ports.clone(),
+            self.owner.clone(),
+            self.ws.state.clone(),
+            self.task().clone(),
+            std::sync::Arc::clone(&self.claim),
+        );
+        let released = tokio::task::spawn_blocking(move || {
+            let mut problems = Vec::new();
+            if let Err(e) = ports.release(&owner) {
+                problems.push(e.to_string());
+            }
+            if let Err(e) = state.remove(&task, &claim) {
+                problems.push(e.to_string());
+            }
+            problems
+        })
+        .await
+        .expect("releasing ports does not panic");
+        problems.extend(released);
         if problems.is_empty() {
             error
         } else {
@@ -336,11 +353,7 @@ impl Supervised<'_> {
             .container
             .clone()
             .expect("a created sandbox has the task's container");
-        let fail_setup = |error, sandbox| SetupFailure {
-            error,
-            sandbox,
-            worktree: true,
-        };
+        let fail_setup = |error, sandbox| SetupFailure { error, sandbox };
         let stop_requested = *self.stop.borrow_and_update();
         if let StopLevel::Graceful(signal) | StopLevel::Immediate(signal) = stop_requested {
             let task = self.task().clone();
@@ -348,24 +361,25 @@ impl Supervised<'_> {
             return Err(self.roll_back(fail_setup(error, sandbox)).await);
         }
 
-        let log_path = self.ws.state.log_path(self.task());
-        let log = match File::create(&log_path) {
+        let log = match output::TaskLog::create(
+            &self.ws.state.log_path(self.task()),
+            self.request.log_max,
+        ) {
             Ok(log) => log,
-            Err(source) => {
-                let error = RunError::Io {
-                    action: "create log file",
-                    path: log_path,
-                    source,
-                };
-                return Err(self.roll_back(fail_setup(error, sandbox)).await);
-            }
+            Err(error) => return Err(self.roll_back(fail_setup(error, sandbox)).await),
         };
-        let output = match self.engine.attach(&container_id).await {
-            Ok(output) => output,
+        let stream = match self.runtime.attach(&container_id).await {
+            Ok(stream) => stream,
             Err(e) => return Err(self.roll_back(fail_setup(e.into(), sandbox)).await),
         };
         let (started, started_gate) = tokio::sync::oneshot::channel();
-        let pump = tokio::spawn(pump_output(output, log, self.events.clone(), started_gate));
+        let pump = tokio::spawn(output::pump(
+            stream,
+            log,
+            self.events.clone(),
+            started_gate,
+            self.request.image.clone(),
+        ));
         self.emit(RunEvent::Created {
             container_id: container_id.clone(),
             worktree: self.record.worktree.clone(),
@@ -374,8 +388,8 @@ impl Supervised<'_> {
         .await;
 
         self.record.container_id = Some(container_id.clone());
-        self.save(TaskState::Running)?;
-        let mut exit_code = match self.engine.start(&container_id).await {
+        self.save(TaskState::Running).await?;
+        let mut exit = match self.runtime.start(&container_id).await {
             Ok(()) => {
                 self.emit(RunEvent::Started {
                     container_id: container_id.clone(),
@@ -384,15 +398,29 @@ impl Supervised<'_> {
                 .await;
                 None
             }
-            Err(StartError::NotFound { message, .. }) => {
+            Err(StartError::NotFound { command }) => {
+                let message = format!(
+                    "command not found in image {}: {command}",
+                    self.request.image
+                );
                 self.emit(RunEvent::StartFailed { message }).await;
-                Some(127)
+                Some(Exit {
+                    code: 127,
+                    oom_killed: false,
+                })
             }
-            Err(StartError::NotExecutable { message, .. }) => {
+            Err(StartError::NotExecutable { command }) => {
+                let message = format!(
+                    "command cannot be executed in image {}: {command}",
+                    self.request.image
+                );
                 self.emit(RunEvent::StartFailed { message }).await;
-                Some(126)
+                Some(Exit {
+                    code: 126,
+                    oom_killed: false,
+                })
             }
-            Err(StartError::Engine(e)) => {
+            Err(StartError::Runtime(e)) => {
                 pump.abort();
                 return Err(self.roll_back(fail_setup(e.into(), sandbox)).await);
             }
@@ -400,11 +428,17 @@ impl Supervised<'_> {
 
         // Output reaches the caller only after `Started` (or `StartFailed`), in that order.
         let _ = started.send(());
+        let importer = live_import::LiveImport::start(
+            self.ws.clone(),
+            self.dirs.clone(),
+            self.task().clone(),
+            self.events.clone(),
+        );
         let mut stopped_by = None;
         let mut wait_error = None;
-        if exit_code.is_none() {
+        if exit.is_none() {
             match self.wait_or_stop(&container_id, &mut stopped_by).await {
-                Ok(code) => exit_code = Some(code),
+                Ok(ended) => exit = Some(ended),
                 Err(e) => wait_error = Some(e.to_string()),
             }
         }
@@ -414,130 +448,117 @@ impl Supervised<'_> {
         } else {
             pump.abort();
         }
+        importer.stop().await;
 
-        self.record.exit_code = exit_code;
-        if let Some(exit_code) = exit_code {
-            self.emit(RunEvent::Exited { exit_code }).await;
+        self.record.exit_code = exit.map(|e| e.code);
+        if let Some(exit) = exit {
+            if exit.oom_killed {
+                self.record.oom_killed = true;
+                self.emit(RunEvent::OutOfMemory {
+                    limit: self.request.limits.memory_bytes,
+                })
+                .await;
+            }
+            self.emit(RunEvent::Exited {
+                exit_code: exit.code,
+            })
+            .await;
         }
-        self.save(TaskState::TearingDown)?;
-        let outcome = self.tear_down(&sandbox, wait_error).await;
-        let (state, result) = match outcome {
-            Ok(summary) if summary.kept.is_some() => (TaskState::Kept, Ok(summary)),
-            Ok(summary) => (TaskState::Exited, Ok(summary)),
-            Err(e) => (TaskState::Failed, Err(e)),
-        };
-        self.record.finished_at = Some(SystemTime::now());
-        if let Err(e) = &result {
-            self.record.error = Some(e.to_string());
-        }
-        self.save(state)?;
-        let summary = result?;
-        Ok(RunOutcome {
-            exit_code: exit_code.unwrap_or(125),
-            stopped_by,
-            summary,
-        })
+        self.save(TaskState::TearingDown).await?;
+        self.tear_down(wait_error, stopped_by, exit).await
     }
 
     /// Waits for the exit, acting on stop requests meanwhile. A graceful stop runs in the background
-    /// so that a second request can still escalate to a kill while the grace period runs.
+    /// so that a second request can still escalate to a kill while the grace period runs; what the
+    /// stop and the kill say is reported once the command has ended.
     async fn wait_or_stop(
         &mut self,
         container_id: &str,
         stopped_by: &mut Option<StopSignal>,
-    ) -> Result<i64, DockerError> {
-        let wait = self.engine.wait(container_id);
+    ) -> Result<Exit, RuntimeError> {
+        let runtime = self.runtime;
+        let wait = runtime.wait(container_id);
         tokio::pin!(wait);
         let mut listening = true;
-        loop {
+        let mut stops = futures::stream::FuturesUnordered::new();
+        let exit = loop {
             tokio::select! {
-                code = &mut wait => return code,
+                exit = &mut wait => break exit,
                 changed = self.stop.changed(), if listening => {
                     if changed.is_err() {
                         listening = false;
                         continue;
                     }
                     let level = *self.stop.borrow_and_update();
-                    let engine = self.engine.clone();
-                    let id = container_id.to_owned();
                     match level {
                         StopLevel::Continue => {}
                         StopLevel::Graceful(signal) => {
                             stopped_by.get_or_insert(signal);
-                            let _ = self.save(TaskState::Stopping);
+                            let _ = self.save(TaskState::Stopping).await;
                             self.emit(RunEvent::Stopping { immediate: false }).await;
                             let grace = self.request.stop_timeout;
-                            tokio::spawn(async move { engine.stop(&id, grace).await });
+                            stops.push(runtime.stop(container_id, grace));
                         }
                         StopLevel::Immediate(signal) => {
                             stopped_by.get_or_insert(signal);
-                            let _ = self.save(TaskState::Stopping);
+                            let _ = self.save(TaskState::Stopping).await;
                             self.emit(RunEvent::Stopping { immediate: true }).await;
-                            tokio::spawn(async move { engine.kill(&id).await });
+                            stops.push(runtime.kill(container_id));
                         }
                     }
                 }
+                Some(Err(e)) = futures::StreamExt::next(&mut stops), if !stops.is_empty() => {
+                    self.emit(RunEvent::Warning { message: format!("stopping task {}: {e}", self.record.name) }).await;
+                }
+            }
+        };
+        while let Some(result) = futures::StreamExt::next(&mut stops).await {
+            if let Err(e) = result {
+                let message = format!("stopping task {}: {e}", self.record.name);
+                self.emit(RunEvent::Warning { message }).await;
             }
         }
+        exit
     }
 
-    /// Removes the containers and the network while the worktree's leftovers are committed and the
-    /// worktree removed; then releases the ports.
     async fn tear_down(
-        &mut self,
-        sandbox: &Sandbox,
+        mut self,
         wait_error: Option<String>,
-    ) -> Result<RunSummary, RunError> {
+        stopped_by: Option<StopSignal>,
+        exit: Option<Exit>,
+    ) -> Result<RunOutcome, RunError> {
+        let leftovers = Leftovers::find(self.runtime, &self.ws.repo_id, self.task())
+            .await
+            .unwrap_or_default();
+        let options = teardown::Options {
+            stop_timeout: self.request.stop_timeout,
+            by: "agentbox run",
+            keep: self.request.keep,
+            release_ports: true,
+            dry_run: false,
+            max_file_size: self.request.max_snapshot_file,
+            identity: self.identity.clone(),
+            ending: Ending::Exited,
+            discard_unsaved: false,
+        };
+        let report = teardown::tear_down(
+            self.ws,
+            self.runtime,
+            &mut self.record,
+            leftovers,
+            &options,
+            &self.claim,
+            &mut |_| {},
+        )
+        .await;
         let mut problems: Vec<String> = wait_error.into_iter().collect();
-        let mut kept = None;
-        if self.request.keep {
-            // Stopped, not removed: the user asked to inspect them.
-            let containers = sandbox.container.iter().chain(&sandbox.services);
-            let grace = self.request.stop_timeout;
-            let stopped =
-                futures::future::join_all(containers.map(|id| self.engine.stop(id, grace))).await;
-            problems.extend(
-                stopped
-                    .into_iter()
-                    .filter_map(|r| r.err().map(|e| e.to_string())),
-            );
-            kept = Some(Kept {
-                worktree: self.record.worktree.clone(),
-                container: self.record.container_name.clone(),
-            });
-        } else {
-            let cli = self.ws.git();
-            let message = snapshot_message(self.task(), self.record.exit_code);
-            let own_files = self.record.own_files.clone();
-            let state = &self.ws.state;
-            let record = &self.record;
-            let keep_work = async {
-                let snapshot = cli
-                    .snapshot(&record.worktree, &message, &self.identity, &own_files)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let removing = TaskRecord {
-                    state: TaskState::RemovingWorktree,
-                    snapshot_commit: snapshot.clone(),
-                    ..record.clone()
-                };
-                state.write(&removing).map_err(|e| e.to_string())?;
-                cli.remove_worktree(&record.worktree)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok::<_, String>(snapshot)
-            };
-            let (removed, kept_work) = tokio::join!(sandbox.remove(self.engine), keep_work);
-            problems.extend(removed);
-            match kept_work {
-                Ok(snapshot) => self.record.snapshot_commit = snapshot,
-                Err(e) => problems.push(e),
-            }
-        }
-        if let Err(e) = self.ws.ports.release(&self.owner) {
-            problems.push(e.to_string());
-        }
-        if !problems.is_empty() {
+        problems.extend(report.problems.iter().cloned());
+        problems.extend(report.notices.iter().cloned());
+        let finished = !self.record.state.is_active();
+        if !finished {
+            self.record.finished_at = Some(SystemTime::now());
+            self.record.error = Some(problems.join("; "));
+            self.save(TaskState::Failed).await?;
             return Err(RunError::Teardown {
                 task: self.task().clone(),
                 worktree: self.record.worktree.clone(),
@@ -546,75 +567,140 @@ impl Supervised<'_> {
             });
         }
 
-        let (commits_ahead, files_changed) = match self.ws.repo.branch_tip(&self.record.branch)? {
-            Some(tip) => {
-                let base: gix::ObjectId = self
-                    .record
-                    .base_commit
-                    .parse()
-                    .expect("base_commit was written from an object id");
-                let ahead = self.ws.repo.commits_ahead(base, tip)?;
-                // No commits of its own, no changed files: spare the git process.
-                let files = if ahead == 0 {
-                    0
-                } else {
-                    self.ws
-                        .git()
-                        .changed_files(&self.record.base_commit, &tip.to_string())
-                        .await?
-                };
-                (ahead, files)
-            }
-            None => (0, 0),
-        };
-        Ok(RunSummary {
-            task: self.task().clone(),
-            branch: self.record.branch.clone(),
-            base: self.record.base.clone(),
-            commits_ahead,
-            files_changed,
-            snapshot_commit: self.record.snapshot_commit.clone(),
-            kept,
+        let branch_deleted = self.delete_branch_if_unchanged(&report).await;
+        let (commits_ahead, files_changed) = self.changes().await?;
+        let kept = report.kept_worktree.map(|worktree| Kept {
+            worktree,
+            container: self.record.container_name.clone(),
+            asked: self.request.keep,
+        });
+        Ok(RunOutcome {
+            exit_code: exit.map_or(125, |e| e.code),
+            stopped_by,
+            oom_killed: self.record.oom_killed,
+            summary: RunSummary {
+                task: self.task().clone(),
+                branch: self.record.branch.clone(),
+                base: self.record.base.clone(),
+                commits_ahead,
+                files_changed,
+                snapshot_commit: self.record.snapshot_commit.clone(),
+                kept,
+                left_out: report.left_out,
+                problems,
+                memory_limit: self.request.limits.memory_bytes,
+                branch_deleted,
+            },
         })
     }
-}
 
-fn snapshot_message(task: &TaskName, exit_code: Option<i64>) -> String {
-    let ended = match exit_code {
-        Some(code) => format!("exited {code}"),
-        None => "ended".to_owned(),
-    };
-    format!(
-        "agentbox: snapshot of uncommitted work in task {task}\n\n\
-         Task {task} {ended} and left these changes uncommitted; agentbox committed them so that \
-         nothing it wrote is lost."
-    )
-}
-
-/// Copies the container's output into the log file and to the caller, in the order it arrives. The
-/// caller gets none of it before `started` fires (or is dropped).
-async fn pump_output(
-    output: impl futures::Stream<Item = Result<Output, DockerError>>,
-    mut log: File,
-    events: mpsc::Sender<RunEvent>,
-    started: tokio::sync::oneshot::Receiver<()>,
-) {
-    let mut caller_listening = true;
-    let mut started = Some(started);
-    futures::pin_mut!(output);
-    while let Some(chunk) = output.next().await {
-        let Ok(chunk) = chunk else { break };
-        let bytes = match &chunk {
-            Output::Stdout(b) | Output::Stderr(b) => b,
-        };
-        // A full disk must not stop the task; its output still reaches the caller.
-        let _ = log.write_all(bytes);
-        if let Some(gate) = started.take() {
-            let _ = gate.await;
+    /// A task that changed nothing leaves no branch behind: the branch this run created is deleted
+    /// when it still points at the base and nothing else of the task was kept. Returns whether it
+    /// was.
+    async fn delete_branch_if_unchanged(&self, report: &teardown::Report) -> bool {
+        let unchanged = self.record.created_branch
+            && !self.request.keep_branch
+            && report.kept_worktree.is_none()
+            && report.kept_refs.is_empty()
+            && self.record.snapshot_commit.is_none()
+            && self
+                .ws
+                .repo
+                .branch_tip(&self.record.branch)
+                .ok()
+                .flatten()
+                .map(|t| t.to_string())
+                == Some(self.record.base_commit.clone());
+        if !unchanged {
+            return false;
         }
-        if caller_listening && events.send(RunEvent::Output(chunk)).await.is_err() {
-            caller_listening = false;
-        }
+        self.ws
+            .repo
+            .git()
+            .run(&[
+                "update-ref",
+                "-d",
+                &self.dirs.branch_ref(),
+                &self.record.base_commit,
+            ])
+            .await
+            .is_ok()
     }
-    let _ = log.flush();
+
+    /// Commits on the branch beyond the base, and files they change.
+    async fn changes(&self) -> Result<(usize, usize), RunError> {
+        let Some(tip) = self.ws.repo.branch_tip(&self.record.branch)? else {
+            return Ok((0, 0));
+        };
+        let base: gix::ObjectId =
+            self.record
+                .base_commit
+                .parse()
+                .map_err(|_| crate::state::StateError::Damaged {
+                    task: self.task().clone(),
+                    what: format!(
+                        "base_commit {:?} is not a commit id",
+                        self.record.base_commit
+                    ),
+                })?;
+        let ahead = self.ws.repo.commits_ahead(base, tip)?;
+        // No commits of its own, no changed files: spare the git process.
+        if ahead == 0 {
+            return Ok((0, 0));
+        }
+        let out = self
+            .ws
+            .repo
+            .git()
+            .run(&[
+                "diff",
+                "--name-only",
+                "-z",
+                "--no-renames",
+                &self.record.base_commit,
+                &tip.to_string(),
+            ])
+            .await?;
+        let files = out
+            .stdout
+            .split(|&b| b == 0)
+            .filter(|p| !p.is_empty())
+            .count();
+        Ok((ahead, files))
+    }
 }
+
+/// What agentbox says when the out-of-memory killer ended a task.
+pub fn out_of_memory_message(task: &TaskName, limit: Option<u64>) -> String {
+    match limit {
+        Some(limit) => format!(
+            "task {task} was killed: out of memory (limit {})",
+            crate::config::Bytes(limit)
+        ),
+        None => format!("task {task} was killed: out of memory"),
+    }
+}
+
+/// Writes the env file and copies the `copy` entries into the fresh worktree, never through a
+/// symlink that the checkout (of a branch the task may have committed to before) put there.
+fn fill_worktree(dirs: &TaskDirs, request: &RunRequest, env: &[EnvVar]) -> Result<(), RunError> {
+    let task = request.task.clone();
+    let worktree = GuardedDir::open(&dirs.worktree).map_err(|source| RunError::Worktree {
+        task: task.clone(),
+        source,
+    })?;
+    if let Some(source) = &request.copy_from {
+        crate::copy::copy_into(source, &worktree, &request.copy)?;
+    } else if let Some(first) = request.copy.first() {
+        return Err(RunError::CopyWithoutCheckout {
+            path: first.clone(),
+        });
+    }
+    // The env file holds secrets: it lives only in the worktree (mode 0600, ignored by git) for as
+    // long as the task does.
+    environment::write_env_file(&worktree, &request.env_file_name, env)
+        .map_err(|source| RunError::Worktree { task, source })
+}
+
+#[cfg(test)]
+mod tests;

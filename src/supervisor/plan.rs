@@ -1,17 +1,19 @@
 //! Everything a run will create, worked out before anything exists: host port names, the
-//! environment, the containers' specs, the files agentbox puts into the worktree.
+//! environment, the containers' specs and mounts, the files agentbox puts into the worktree.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
 
 use indexmap::IndexMap;
 
-use super::{RunError, RunRequest};
-use crate::config::{ConfigError, EnvVar, TemplateContext};
-use crate::docker::ContainerSpec;
-use crate::environment::{self, PortMapping};
-use crate::git::Identity;
-use crate::sandbox::SandboxPlan;
+use super::RunRequest;
+use crate::config::{ConfigError, EnvVar, NetworkSetting, TemplateContext};
+use crate::environment;
+use crate::git::{Identity, TaskDirs};
+use crate::ports::PortMapping;
+use crate::runtime::{
+    ContainerSpec, Network, NetworkSpec, REPO_LABEL, SERVICE_LABEL, SHARED_LABEL, SandboxPlan,
+    TASK_LABEL,
+};
 use crate::workspace::Workspace;
 
 /// Paths agentbox itself puts into the worktree; a snapshot never commits them.
@@ -52,11 +54,11 @@ pub(super) fn all_port_mappings(
         .collect()
 }
 
-/// Everything the Docker side will create, and the environment as agentbox may record it.
+/// Everything the engine will create, and the environment as agentbox may record it.
 pub(super) fn plan(
     ws: &Workspace,
     request: &RunRequest,
-    worktree: &Path,
+    dirs: &TaskDirs,
     identity: &Identity,
     host_ports: &BTreeMap<String, u16>,
 ) -> Result<(SandboxPlan, Vec<EnvVar>), ConfigError> {
@@ -87,17 +89,44 @@ pub(super) fn plan(
         host_env: &request.host_env,
     })?;
 
-    let common = ws.repo.common_dir.display().to_string();
-    let wt = worktree.display().to_string();
+    let worktree = dirs.worktree.display().to_string();
     let mut labels: HashMap<String, String> = request.labels.iter().cloned().collect();
     labels.extend([
-        ("agentbox.task".to_owned(), task.to_string()),
-        ("agentbox.repo".to_owned(), ws.repo_id.clone()),
+        (TASK_LABEL.to_owned(), task.to_string()),
+        (REPO_LABEL.to_owned(), ws.repo_id.clone()),
         ("agentbox.branch".to_owned(), branch.clone()),
-        ("agentbox.worktree".to_owned(), wt.clone()),
+        ("agentbox.worktree".to_owned(), worktree.clone()),
     ]);
     let container_name = ws.container_name(task);
-    let network = (!request.services.is_empty()).then(|| container_name.clone());
+    // A task with services gets a network of its own: its services reach it by name, and no other
+    // task reaches them. One without shares the repository's network on which containers cannot
+    // reach each other: creating and removing a network per task would cost more than its start.
+    let network = (request.network == NetworkSetting::Bridge).then(|| {
+        if request.services.is_empty() {
+            let mut shared_labels: HashMap<String, String> =
+                request.labels.iter().cloned().collect();
+            shared_labels.insert(REPO_LABEL.to_owned(), ws.repo_id.clone());
+            shared_labels.insert(SHARED_LABEL.to_owned(), "isolated".to_owned());
+            NetworkSpec {
+                name: ws.shared_network_name(),
+                labels: shared_labels,
+                shared_isolated: true,
+            }
+        } else {
+            NetworkSpec {
+                name: container_name.clone(),
+                labels: labels.clone(),
+                shared_isolated: false,
+            }
+        }
+    });
+    let attach = |aliases: Vec<String>| match &network {
+        Some(network) => Network::Named {
+            name: network.name.clone(),
+            aliases,
+        },
+        None => Network::None,
+    };
 
     let context = TemplateContext {
         task: task.as_str(),
@@ -109,7 +138,7 @@ pub(super) fn plan(
     for (service, spec) in &request.services {
         let service_env = environment::resolve_service(service, &spec.env, &context)?;
         let mut service_labels = labels.clone();
-        service_labels.insert("agentbox.service".to_owned(), service.clone());
+        service_labels.insert(SERVICE_LABEL.to_owned(), service.clone());
         services.push(ContainerSpec {
             name: format!("{container_name}-{service}"),
             image: spec.image.clone(),
@@ -121,88 +150,31 @@ pub(super) fn plan(
                 .iter()
                 .map(|(name, port)| (*port, host_ports[&format!("{service}.{name}")]))
                 .collect(),
-            network: network.clone(),
-            network_aliases: vec![service.clone()],
+            network: attach(vec![service.clone()]),
+            limits: request.limits,
             ..ContainerSpec::default()
         });
     }
 
-    // The worktree and the git common dir at their host paths, so the worktree's absolute
-    // `gitdir:` link resolves inside with any git version; the common dir's `config` and `hooks/`
-    // read-only, so a task cannot plant anything that later runs on the host.
-    let binds = vec![
-        format!("{wt}:{wt}"),
-        format!("{common}:{common}"),
-        format!("{common}/config:{common}/config:ro"),
-        format!("{common}/hooks:{common}/hooks:ro"),
-    ];
     let task_spec = ContainerSpec {
         name: container_name,
         image: request.image.clone(),
         command: request.command.clone(),
         env: environment::docker_env(&env),
-        labels: labels.clone(),
-        binds,
-        working_dir: wt,
+        labels,
+        mounts: dirs.mounts(&ws.repo),
+        working_dir: worktree,
         user: request.user.clone(),
         ports: task_ports.values().map(|m| (m.container, m.host)).collect(),
-        network: network.clone(),
+        network: attach(Vec::new()),
+        limits: request.limits,
         ..ContainerSpec::default()
     };
     let sandbox = SandboxPlan {
         network,
-        network_labels: labels,
         services,
         task: task_spec,
         setup: request.setup.clone(),
     };
     Ok((sandbox, env))
-}
-
-/// Copies `paths` (relative, already checked not to contain `..`) from the source checkout into the
-/// new worktree. A path that leads outside the checkout through a symlink is refused as well.
-pub(super) fn copy_into(
-    source_root: &Path,
-    worktree: &Path,
-    paths: &[PathBuf],
-) -> Result<(), RunError> {
-    let io = |action, path: &Path| {
-        let path = path.to_owned();
-        move |source| RunError::Io {
-            action,
-            path,
-            source,
-        }
-    };
-    let root = source_root
-        .canonicalize()
-        .map_err(io("resolve", source_root))?;
-    for relative in paths {
-        let source = root.join(relative);
-        let resolved = source.canonicalize().map_err(io("copy", &source))?;
-        if !resolved.starts_with(&root) {
-            return Err(RunError::CopyEscapes {
-                path: relative.clone(),
-            });
-        }
-        let target = worktree.join(relative);
-        if let Some(parent) = target.parent() {
-            std::fs::create_dir_all(parent).map_err(io("create", parent))?;
-        }
-        copy_recursively(&resolved, &target).map_err(io("copy", &source))?;
-    }
-    Ok(())
-}
-
-fn copy_recursively(from: &Path, to: &Path) -> std::io::Result<()> {
-    if from.is_dir() {
-        std::fs::create_dir_all(to)?;
-        for entry in std::fs::read_dir(from)? {
-            let entry = entry?;
-            copy_recursively(&entry.path(), &to.join(entry.file_name()))?;
-        }
-        Ok(())
-    } else {
-        std::fs::copy(from, to).map(drop)
-    }
 }

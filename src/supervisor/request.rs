@@ -7,18 +7,27 @@ use std::time::Duration;
 use indexmap::IndexMap;
 
 use crate::config::{
-    ConfigError, DEFAULT_ENV_FILE_NAME, EnvVar, PortRange, ProjectConfig, ServiceConfig,
-    relative_inside,
+    ConfigError, DEFAULT_ENV_FILE_NAME, EnvVar, NetworkSetting, PortRange, ProjectConfig,
+    ServiceConfig, relative_inside,
 };
-use crate::docker::{DockerError, Output};
-use crate::environment::PortMapping;
+use crate::copy::CopyError;
+use crate::fs_guard::GuardError;
 use crate::git::GitError;
-use crate::ports::PortError;
+use crate::ports::{PortError, PortMapping};
+use crate::runtime::{Limits, Output, RuntimeError};
 use crate::state::StateError;
 use crate::task::TaskName;
+use crate::teardown::DEFAULT_MAX_SNAPSHOT_FILE;
 
 /// The image a task runs in unless told otherwise; `images/build-base.sh` builds it.
 pub const DEFAULT_IMAGE: &str = "agentbox/base:bookworm";
+
+/// Processes and threads a task may run at once unless told otherwise: plenty for builds and test
+/// runners, few enough that a fork bomb ends at the limit instead of taking the machine.
+pub const DEFAULT_PIDS_LIMIT: u64 = 4096;
+
+/// The most a task's log keeps unless told otherwise.
+pub const DEFAULT_LOG_MAX: u64 = 100 << 20;
 
 /// Everything `agentbox run` was asked to do: `agentbox.toml` and the command line, resolved.
 #[derive(Debug, Clone)]
@@ -42,6 +51,9 @@ pub struct RunRequest {
     pub user: Option<String>,
     /// Leave the worktree and the stopped container for inspection instead of tearing down.
     pub keep: bool,
+    /// Keep the task's branch even when the task changed nothing (by default a branch this run
+    /// created and the task left at its base is deleted).
+    pub keep_branch: bool,
     /// How long the command gets between SIGTERM and SIGKILL when it is stopped.
     pub stop_timeout: Duration,
     /// Paths (relative, checked not to escape) copied from the source checkout into the worktree.
@@ -54,6 +66,16 @@ pub struct RunRequest {
     pub ports: IndexMap<String, u16>,
     pub port_range: PortRange,
     pub services: IndexMap<String, ServiceConfig>,
+    /// For the task's container and each service that does not set its own.
+    pub limits: Limits,
+    /// `None`: no network at all.
+    pub network: NetworkSetting,
+    /// The most the task's log keeps.
+    pub log_max: u64,
+    /// Files larger than this are left out of the snapshot (and the worktree kept).
+    pub max_snapshot_file: u64,
+    /// Processes checking out the worktree at once.
+    pub checkout_workers: usize,
 }
 
 impl RunRequest {
@@ -72,6 +94,7 @@ impl RunRequest {
             labels: Vec::new(),
             user: None,
             keep: false,
+            keep_branch: false,
             stop_timeout: Duration::from_secs(10),
             copy: Vec::new(),
             copy_from: None,
@@ -79,6 +102,27 @@ impl RunRequest {
             ports: IndexMap::new(),
             port_range: PortRange::default(),
             services: IndexMap::new(),
+            limits: Limits {
+                pids: Some(DEFAULT_PIDS_LIMIT),
+                ..Limits::default()
+            },
+            network: NetworkSetting::Bridge,
+            log_max: DEFAULT_LOG_MAX,
+            max_snapshot_file: DEFAULT_MAX_SNAPSHOT_FILE,
+            checkout_workers: 4,
+        }
+    }
+
+    /// Applies `[limits]` of `agentbox.toml` (or a task file) over the limits the request has.
+    pub fn apply_limits(&mut self, limits: &crate::config::LimitsConfig) {
+        if let Some(cpus) = limits.cpus {
+            self.limits.nano_cpus = Some(cpus.0);
+        }
+        if let Some(memory) = limits.memory {
+            self.limits.memory_bytes = Some(memory.0);
+        }
+        if let Some(pids) = limits.pids {
+            self.limits.pids = u64::try_from(pids).ok().filter(|p| *p > 0);
         }
     }
 
@@ -89,7 +133,7 @@ impl RunRequest {
             .image
             .clone()
             .unwrap_or_else(|| DEFAULT_IMAGE.to_owned());
-        Self {
+        let mut request = Self {
             env_templates: config.env.clone(),
             env_file_name: config
                 .env_file_name
@@ -105,8 +149,17 @@ impl RunRequest {
             ports: config.ports.clone(),
             port_range: config.port_range.unwrap_or_default(),
             services: config.services.clone(),
+            network: config.network.unwrap_or(NetworkSetting::Bridge),
             ..Self::new(task, image)
+        };
+        request.apply_limits(&config.limits);
+        if let Some(max) = config.log_max {
+            request.log_max = max.0;
         }
+        if let Some(max) = config.snapshot_max_file_size {
+            request.max_snapshot_file = max.0;
+        }
+        request
     }
 }
 
@@ -162,6 +215,15 @@ pub enum RunEvent {
     StartFailed {
         message: String,
     },
+    /// Something the user should know that does not stop the task (an import that failed and will
+    /// be tried again).
+    Warning {
+        message: String,
+    },
+    /// The out-of-memory killer ended the command.
+    OutOfMemory {
+        limit: Option<u64>,
+    },
     /// The command has ended and all its output has been delivered; the teardown starts.
     Exited {
         exit_code: i64,
@@ -177,14 +239,25 @@ pub struct RunSummary {
     pub commits_ahead: usize,
     pub files_changed: usize,
     pub snapshot_commit: Option<String>,
-    /// Set when `keep` left the worktree and the stopped container in place.
+    /// Set when the worktree stays: asked for with `keep`, or to keep work the snapshot could not
+    /// take (`left_out`) or the import refused.
     pub kept: Option<Kept>,
+    /// Files too large for the snapshot.
+    pub left_out: Vec<crate::git::snapshot::LeftOut>,
+    /// What went wrong in the teardown without losing anything (an import refused).
+    pub problems: Vec<String>,
+    /// The task's memory limit, for the message when it ran out.
+    pub memory_limit: Option<u64>,
+    /// The task changed nothing, so the branch this run made for it was deleted again.
+    pub branch_deleted: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kept {
     pub worktree: PathBuf,
     pub container: String,
+    /// Whether `keep` asked for it (else agentbox kept it to keep work safe).
+    pub asked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +266,8 @@ pub struct RunOutcome {
     pub exit_code: i64,
     /// Set when a stop request ended the task.
     pub stopped_by: Option<StopSignal>,
+    /// The out-of-memory killer ended the command.
+    pub oom_killed: bool,
     pub summary: RunSummary,
 }
 
@@ -212,6 +287,15 @@ pub enum RunError {
         path.display()
     )]
     WorktreeExists { task: TaskName, path: PathBuf },
+    #[error(
+        "image {image} is not present locally and could not be pulled ({reason}); build it with `agentbox image build` (a few minutes; debootstrap, needs root or sudo), or pass --image with a local image"
+    )]
+    DefaultImageMissing { image: String, reason: String },
+    #[error("cannot write the log {}: {source}", path.display())]
+    Log {
+        path: PathBuf,
+        source: crate::output::log::LogError,
+    },
     #[error("task {task} was interrupted before its command started; nothing was kept")]
     InterruptedBeforeStart { task: TaskName, signal: StopSignal },
     #[error("cannot {action} {}: {source}", path.display())]
@@ -227,22 +311,25 @@ pub enum RunError {
         rollback: Vec<String>,
     },
     #[error(
-        "teardown of task {task} is incomplete: {}; its work is kept in worktree {} and on branch agentbox/{task}",
-        problems.join("; "), worktree.display()
+        "teardown of task {task} is incomplete: {}; {}",
+        problems.join("; "), kept_where(worktree, task)
     )]
     Teardown {
         task: TaskName,
         worktree: PathBuf,
         problems: Vec<String>,
+        /// The command's own exit code: the caller still exits with it.
         exit_code: Option<i64>,
     },
-    #[error("copy path {} leads outside the repository; agentbox copies only files inside it", path.display())]
-    CopyEscapes { path: PathBuf },
     #[error(
         "agentbox.toml asks to copy {} but there is no checkout to copy it from (a bare repository); run agentbox from a worktree",
         path.display()
     )]
     CopyWithoutCheckout { path: PathBuf },
+    #[error(transparent)]
+    Copy(#[from] CopyError),
+    #[error("cannot prepare the worktree of task {task}: {source}")]
+    Worktree { task: TaskName, source: GuardError },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -250,11 +337,23 @@ pub enum RunError {
     #[error(transparent)]
     Git(#[from] GitError),
     #[error(transparent)]
-    Docker(#[from] DockerError),
+    Runtime(#[from] RuntimeError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
-    Recovery(#[from] crate::gc::GcError),
+    Recovery(#[from] crate::recovery::RecoveryError),
+}
+
+/// Where a task's work is after a teardown that did not finish.
+fn kept_where(worktree: &std::path::Path, task: &TaskName) -> String {
+    if worktree.exists() {
+        format!(
+            "its work is kept in worktree {} and on branch agentbox/{task}",
+            worktree.display()
+        )
+    } else {
+        format!("its commits are on branch agentbox/{task}")
+    }
 }
 
 fn rollback_note(rollback: &[String]) -> String {

@@ -58,7 +58,9 @@ fn build_image_once(image: &str, script: &str) {
         "agentbox-test-image-{}.lock",
         image.replace(['/', ':'], "_")
     );
-    let lock_path = std::env::temp_dir().join(lock_name);
+    // In cargo's own scratch directory for integration tests (target/tmp), not in /tmp, where the
+    // lock files would stay behind after every run.
+    let lock_path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(lock_name);
     let lock = File::create(&lock_path)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", lock_path.display()));
     lock.lock()
@@ -491,9 +493,54 @@ impl TestEnv {
             .collect()
     }
 
-    /// Every file under `$XDG_STATE_HOME/agentbox/*/logs/`.
+    /// Every entry of `$XDG_STATE_HOME/agentbox/*/logs/`: one directory of segment files per task.
     pub fn log_files(&self) -> Vec<PathBuf> {
         self.files_in_state_subdir("logs")
+    }
+
+    /// Every task git dir, `$XDG_STATE_HOME/agentbox/*/git/<task>`.
+    pub fn task_git_dirs(&self) -> Vec<PathBuf> {
+        self.files_in_state_subdir("git")
+    }
+
+    /// Every scratch git dir, `$XDG_STATE_HOME/agentbox/*/scratch/<task>`.
+    pub fn scratch_dirs(&self) -> Vec<PathBuf> {
+        self.files_in_state_subdir("scratch")
+    }
+
+    /// The git dir of a task (mounted into its container; the worktree's `.git` file points at it):
+    /// `$XDG_STATE_HOME/agentbox/<repo-id>/git/<task>`.
+    pub fn task_git_dir(&self, task: &str) -> PathBuf {
+        self.state_root()
+            .join(self.repo_id())
+            .join("git")
+            .join(task)
+    }
+
+    /// agentbox's own scratch git dir of a task (never mounted):
+    /// `$XDG_STATE_HOME/agentbox/<repo-id>/scratch/<task>`.
+    pub fn scratch_dir(&self, task: &str) -> PathBuf {
+        self.state_root()
+            .join(self.repo_id())
+            .join("scratch")
+            .join(task)
+    }
+
+    /// The log directory of a task: `$XDG_STATE_HOME/agentbox/<repo-id>/logs/<task>/`, holding
+    /// segment files `000000`, `000001`, … (and `omitted`).
+    pub fn task_log_dir(&self, task: &str) -> PathBuf {
+        self.state_root()
+            .join(self.repo_id())
+            .join("logs")
+            .join(task)
+    }
+
+    /// Whether any task git dir or scratch dir of `task` is left in the state dir.
+    fn has_git_dirs_of(&self, task: &str) -> bool {
+        self.task_git_dirs()
+            .iter()
+            .chain(self.scratch_dirs().iter())
+            .any(|p| p.file_name().is_some_and(|n| n == task))
     }
 
     fn files_in_state_subdir(&self, sub: &str) -> Vec<PathBuf> {
@@ -534,8 +581,8 @@ impl TestEnv {
 
     // ---- composite checks -------------------------------------------------------------------------
 
-    /// Asserts that a task left no trace: no branch, no worktree (on disk or in git's list), no
-    /// container of this test, no state record, no entry in `ls --json`.
+    /// Asserts that a task left no trace: no branch, no worktree (on disk or in git's list), no task
+    /// git dir or scratch dir, no container of this test, no state record, no entry in `ls --json`.
     pub fn assert_nothing_left(&self, task: &str) {
         let branch = format!("agentbox/{task}");
         assert!(
@@ -550,6 +597,12 @@ impl TestEnv {
             1,
             "git worktree list must show only the main worktree: {:?}",
             self.worktrees()
+        );
+        assert!(
+            !self.has_git_dirs_of(task),
+            "no git dir of {task} may be left: {:?} {:?}",
+            self.task_git_dirs(),
+            self.scratch_dirs()
         );
         assert_eq!(
             self.containers(),
@@ -567,11 +620,11 @@ impl TestEnv {
         );
     }
 
-    /// Asserts that a task was torn down: no container left, worktree gone from disk and from
-    /// `git worktree list`, branch still there.
+    /// Asserts that a task was torn down: no container left, worktree, task git dir and scratch dir
+    /// gone from disk (and the worktree never in `git worktree list`). The branch is the caller's to
+    /// check: a task that changed nothing leaves none (unless run with `--keep-branch`), one that
+    /// did leaves its work there ([`TestEnv::assert_snapshot_holds`], [`TestEnv::subjects`]).
     pub fn assert_torn_down(&self, task: &str) {
-        let branch = format!("agentbox/{task}");
-        assert!(self.branch_exists(&branch), "branch {branch} must stay");
         let wt = self.worktree_path(task);
         assert!(!wt.exists(), "worktree {} must be removed", wt.display());
         assert!(
@@ -580,10 +633,35 @@ impl TestEnv {
             wt.display(),
             self.worktrees()
         );
+        assert!(
+            !self.has_git_dirs_of(task),
+            "the git dir and scratch dir of {task} must be removed: {:?} {:?}",
+            self.task_git_dirs(),
+            self.scratch_dirs()
+        );
         assert_eq!(
             self.containers(),
             Vec::<String>::new(),
             "container must be removed"
+        );
+    }
+
+    /// Asserts that a task that changed nothing left no branch, and that its run said so.
+    #[track_caller]
+    pub fn assert_branch_gone_unchanged(&self, task: &str, out: &Out) {
+        let branch = format!("agentbox/{task}");
+        assert!(
+            !self.branch_exists(&branch),
+            "a task that changed nothing leaves no branch {branch}\n{out}"
+        );
+        assert!(
+            out.stderr.lines().any(|l| {
+                l.starts_with(&format!("agentbox: task {task} exited "))
+                    && l.ends_with(
+                        " and changed nothing, so its branch is gone again (--keep-branch keeps it)",
+                    )
+            }),
+            "the run says that the branch of {task} is gone\n{out}"
         );
     }
 
@@ -1036,26 +1114,30 @@ impl TestEnv {
         .collect()
     }
 
-    /// Part of the drop guard: removes this test's networks; never panics.
+    /// Part of the drop guard: removes this test's networks, by id (two networks may share a
+    /// name); never panics.
     fn remove_networks(&self) {
         let Ok(out) = Command::new("docker")
             .args(["network", "ls", "--filter"])
             .arg(format!("label={TEST_LABEL}={}", self.id))
-            .args(["--format", "{{.Name}}"])
+            .args(["--format", "{{.ID}} {{.Name}}"])
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .output()
         else {
             return;
         };
-        let names: Vec<String> = lines(&String::from_utf8_lossy(&out.stdout))
+        let ids: Vec<String> = lines(&String::from_utf8_lossy(&out.stdout))
             .into_iter()
-            .filter(|n| n.starts_with("agentbox-"))
+            .filter_map(|l| {
+                let (id, name) = l.split_once(' ')?;
+                name.starts_with("agentbox-").then(|| id.to_owned())
+            })
             .collect();
-        if !names.is_empty() {
+        if !ids.is_empty() {
             let _ = Command::new("docker")
                 .args(["network", "rm"])
-                .args(&names)
+                .args(&ids)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -1123,11 +1205,22 @@ impl TestEnv {
     }
 }
 
-/// A shell loop that waits (inside the container) until `path` exists; the test creates it on the
-/// host. Unlike [`wait_for_file`] it takes an absolute path (e.g. in the mounted common dir, shared
-/// by every task of the repository) and leaves the file in place.
-pub fn wait_for_path(path: &Path) -> String {
-    format!("while [ ! -e '{}' ]; do sleep 0.05; done", path.display())
+/// The file in a task's worktree that [`wait_for_release`] waits for and [`TestEnv::release`]
+/// creates.
+pub const RELEASE: &str = ".agentbox-test-release";
+
+/// A shell loop that waits (inside the container) until the test calls [`TestEnv::release`] for the
+/// task, then deletes the file again (so it is not part of the task's work). Nothing of the
+/// repository's git dir is mounted into a task, so the signal goes through the task's own worktree.
+pub fn wait_for_release() -> String {
+    wait_for_file(RELEASE)
+}
+
+impl TestEnv {
+    /// Releases a task that waits in [`wait_for_release`].
+    pub fn release(&self, task: &str) {
+        touch(&self.worktree_path(task).join(RELEASE));
+    }
 }
 
 impl Spawned {
@@ -1141,18 +1234,6 @@ impl Spawned {
 // ---- concurrency (many tasks in one repository) -----------------------------------------------------
 
 impl TestEnv {
-    /// The administrative directory git keeps for the linked worktree at `worktree`:
-    /// `<common dir>/worktrees/<x>` whose `gitdir` file points at `<worktree>/.git`. `None` when git
-    /// has no metadata for it (never added, removed, or pruned).
-    pub fn worktree_admin_dir(&self, worktree: &Path) -> Option<PathBuf> {
-        let wanted = worktree.join(".git");
-        let entries = fs::read_dir(self.common_dir().join("worktrees")).ok()?;
-        entries.map(|e| e.unwrap().path()).find(|dir| {
-            fs::read_to_string(dir.join("gitdir"))
-                .is_ok_and(|gitdir| Path::new(gitdir.trim_end()) == wanted)
-        })
-    }
-
     /// Whether the engine reports the container `id` as running.
     pub fn is_running(&self, id: &str) -> bool {
         self.inspect(id)["State"]["Running"] == true

@@ -1,0 +1,195 @@
+//! Acting on tasks that exist: stop, wait, signal, remove.
+
+use std::io;
+use std::time::Duration;
+
+use crate::git::GitError;
+use crate::inspect::{self, InspectError};
+use crate::recovery::{self, RecoveryError};
+use crate::runtime::{Runtime, RuntimeError};
+use crate::state::StateError;
+use crate::supervisor::StopSignal;
+use crate::task::{TaskName, TaskRecord, TaskState};
+use crate::teardown::Step;
+use crate::workspace::Workspace;
+
+/// A container still running when its task is removed (the task was left behind) gets this long
+/// between SIGTERM and SIGKILL.
+const REMOVAL_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("task {task} is not running (it is {state})")]
+    NotRunning { task: TaskName, state: String },
+    #[error("task {task} is running; stop it first with `agentbox stop {task}`, or pass --force")]
+    Running { task: TaskName },
+    #[error("cannot signal the supervisor of task {task} (pid {pid}): {source}")]
+    Signal {
+        task: TaskName,
+        pid: u32,
+        source: io::Error,
+    },
+    #[error(
+        "task {task} left containers or a worktree behind; removing it needs the container engine"
+    )]
+    RuntimeNeeded { task: TaskName },
+    #[error(transparent)]
+    Inspect(#[from] InspectError),
+    #[error(transparent)]
+    Recovery(#[from] RecoveryError),
+    #[error(transparent)]
+    Git(#[from] GitError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+fn record(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, ControlError> {
+    Ok(inspect::record(ws, task)?)
+}
+
+/// Asks the task's supervisor to stop it (as SIGTERM would) and waits until its teardown is done.
+/// With `kill_after`, the command is killed through `runtime` when it has not ended that long after
+/// the request, whatever grace period the task was started with.
+pub async fn stop(
+    ws: &Workspace,
+    task: &TaskName,
+    kill_after: Option<(Duration, &dyn Runtime)>,
+) -> Result<(), ControlError> {
+    signal(ws, task, StopSignal::Terminate)?;
+    let torn_down = until_unsupervised(ws, task);
+    tokio::pin!(torn_down);
+    if let Some((grace, runtime)) = kill_after {
+        tokio::select! {
+            done = &mut torn_down => return done,
+            () = tokio::time::sleep(grace) => {
+                if let Some(container) = record(ws, task)?.container_id {
+                    runtime.kill(&container).await?;
+                }
+            }
+        }
+    }
+    torn_down.await
+}
+
+/// Blocks (off the async threads) until no supervisor holds the task: it ended, or died.
+async fn until_unsupervised(ws: &Workspace, task: &TaskName) -> Result<(), ControlError> {
+    let state = ws.state.clone();
+    let name = task.clone();
+    tokio::task::spawn_blocking(move || state.wait_unsupervised(&name))
+        .await
+        .expect("waiting for a lock does not panic")?;
+    Ok(())
+}
+
+/// Blocks until no supervisor holds the task any more (it ended, or died), then returns its record.
+pub async fn wait(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, ControlError> {
+    record(ws, task)?;
+    until_unsupervised(ws, task).await?;
+    record(ws, task)
+}
+
+/// Passes a stop signal to the task's supervisor as if it had been sent to its `agentbox run`: the
+/// first one asks for a graceful stop, a second one for a kill; the teardown follows either way.
+pub fn signal(ws: &Workspace, task: &TaskName, signal: StopSignal) -> Result<(), ControlError> {
+    let before = record(ws, task)?;
+    if !ws.state.is_supervised(task)? {
+        let state = if before.state.is_active() {
+            "orphaned"
+        } else {
+            before.state.as_str()
+        };
+        return Err(ControlError::NotRunning {
+            task: task.clone(),
+            state: state.to_owned(),
+        });
+    }
+    // Read after the lock check, so the pid is the live supervisor's.
+    let pid = record(ws, task)?.supervisor_pid;
+    let signal = match signal {
+        StopSignal::Interrupt => rustix::process::Signal::INT,
+        StopSignal::Terminate => rustix::process::Signal::TERM,
+    };
+    let signal_error = |source| ControlError::Signal {
+        task: task.clone(),
+        pid,
+        source,
+    };
+    let pid = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+        .ok_or_else(|| signal_error(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    rustix::process::kill_process(pid, signal).map_err(|e| signal_error(e.into()))
+}
+
+/// What `remove` did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Removal {
+    /// The clean-up steps for a task that had left more than its branch behind.
+    pub cleaned_up: Vec<Step>,
+    /// Refs deleted with `delete_branch`, and the commits they pointed to, so they can be restored.
+    pub deleted_refs: Vec<(String, String)>,
+}
+
+/// Whether removing the task needs the container engine: only a task that ended normally is known
+/// to have left nothing but its branch behind.
+pub fn removal_needs_runtime(ws: &Workspace, task: &TaskName) -> Result<bool, ControlError> {
+    let record = record(ws, task)?;
+    Ok(record.state != TaskState::Exited || ws.state.is_supervised(task)?)
+}
+
+/// Forgets a task. `runtime` is used only when the task left more than its branch behind (kept, or
+/// orphaned by a dead supervisor): that is cleaned up first, as gc would — containers removed,
+/// commits imported, uncommitted work snapshot-committed, worktree removed, ports released. The
+/// branch stays unless `delete_branch`, which also deletes the refs that kept earlier tips of it.
+pub async fn remove(
+    ws: &Workspace,
+    runtime: Option<&dyn Runtime>,
+    task: &TaskName,
+    delete_branch: bool,
+    force: bool,
+) -> Result<Removal, ControlError> {
+    record(ws, task)?;
+    if ws.state.is_supervised(task)? {
+        if !force {
+            return Err(ControlError::Running { task: task.clone() });
+        }
+        stop(ws, task, None).await?;
+    }
+    // Held until the record is gone, so no run of the task can start in between.
+    let (state, name) = (ws.state.clone(), task.clone());
+    let claim = tokio::task::spawn_blocking(move || state.try_claim(&name))
+        .await
+        .expect("claiming a task does not panic")?
+        .ok_or_else(|| ControlError::Running { task: task.clone() })?;
+    let record = record(ws, task)?;
+    let mut removal = Removal::default();
+    if record.state != TaskState::Exited {
+        let runtime = runtime.ok_or_else(|| ControlError::RuntimeNeeded { task: task.clone() })?;
+        removal.cleaned_up =
+            recovery::clean_up_for_removal(ws, runtime, &record, &claim, REMOVAL_GRACE).await?;
+    }
+    if delete_branch {
+        let mut refs = vec![format!("refs/heads/{}", record.branch)];
+        refs.extend(ws.repo.ref_names(&format!("refs/agentbox/{task}/"))?);
+        for name in refs {
+            let tip = match ws
+                .repo
+                .git()
+                .run(&["rev-parse", "--verify", "--quiet", &name])
+                .await
+            {
+                Ok(out) => out.text(),
+                Err(_) => continue,
+            };
+            ws.repo
+                .git()
+                .run(&["update-ref", "-d", &name, &tip])
+                .await?;
+            removal.deleted_refs.push((name, tip));
+        }
+    }
+    ws.state.remove(task, &claim)?;
+    Ok(removal)
+}

@@ -1,0 +1,339 @@
+//! What a task left uncommitted, as one commit on its branch (the snapshot), or as a tree to compare
+//! against (a running task's live diff).
+//!
+//! Both run git over the worktree through the scratch git dir ([`Git::guarded`]): agentbox's
+//! configuration and an index of agentbox's own, started from the index of the checkout (so only
+//! files whose stat changed are read again) and moved to the branch's current tip with
+//! `read-tree --reset` (which keeps the stats of entries the tip did not change). `git add -A` then records the worktree as it is, minus agentbox's own files and
+//! minus files too large to keep (a 3 GB sparse file is not read: its size says enough). Those are
+//! *left out*, and the caller keeps the worktree so that nothing is lost.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{Git, GuardedPaths};
+use super::{GitError, Identity, Repo, TaskDirs};
+
+/// A file the snapshot did not take because it is larger than the limit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeftOut {
+    /// Relative to the worktree.
+    pub path: String,
+    pub size: u64,
+}
+
+/// What a snapshot made.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    /// The snapshot commit, `None` when there was nothing to keep.
+    pub commit: Option<String>,
+    pub left_out: Vec<LeftOut>,
+}
+
+/// What to stage and how.
+#[derive(Debug, Clone)]
+pub struct Staging<'a> {
+    /// Paths agentbox itself put into the worktree: never staged.
+    pub own_files: &'a [String],
+    /// Files larger than this are left out.
+    pub max_file_size: u64,
+}
+
+/// The first line of every snapshot commit's message.
+pub fn snapshot_subject(task: &str) -> String {
+    format!("agentbox: snapshot of uncommitted work in task {task}")
+}
+
+/// Commits whatever the worktree holds beyond the branch's tip (which the import brought up to
+/// date) as one commit on the branch, with hooks and signing off. Safe to repeat: a second run
+/// finds nothing new and reports the snapshot the first one made.
+pub async fn snapshot(
+    repo: &Repo,
+    dirs: &TaskDirs,
+    task: &str,
+    body: &str,
+    identity: &Identity,
+    staging: &Staging<'_>,
+) -> Result<Snapshot, GitError> {
+    let index = dirs.scratch.join("index.snapshot");
+    let objects = repo.objects_dir();
+    let git = Git::guarded(&GuardedPaths {
+        git_dir: &dirs.scratch,
+        work_tree: &dirs.worktree,
+        index: &index,
+        objects: &objects,
+        alternates: &[],
+    });
+    let (tip, tree, left_out) = stage(repo, dirs, &git, &index, staging).await?;
+    let tip_hex = tip.to_string();
+    let (tip_tree, subject) = repo.tree_and_subject(tip)?;
+    if tree.parse::<gix::ObjectId>().ok() == Some(tip_tree) {
+        // Nothing new; a tip that is already a snapshot of this worktree was made by an earlier,
+        // interrupted teardown.
+        let earlier = subject == snapshot_subject(task) && Some(tip) != dirs.start_commit();
+        return Ok(Snapshot {
+            commit: earlier.then_some(tip_hex),
+            left_out,
+        });
+    }
+    let message = format!("{}\n\n{body}", snapshot_subject(task));
+    let commit = git
+        .clone()
+        .with_env("GIT_AUTHOR_NAME", &identity.name)
+        .with_env("GIT_AUTHOR_EMAIL", &identity.email)
+        .with_env("GIT_COMMITTER_NAME", &identity.name)
+        .with_env("GIT_COMMITTER_EMAIL", &identity.email)
+        .run(&[
+            "commit-tree",
+            "--no-gpg-sign",
+            &tree,
+            "-p",
+            &tip_hex,
+            "-m",
+            &message,
+        ])
+        .await?
+        .text();
+    repo.git()
+        .run(&[
+            "update-ref",
+            "--create-reflog",
+            "-m",
+            &snapshot_subject(task),
+            &dirs.branch_ref(),
+            &commit,
+            &tip_hex,
+        ])
+        .await?;
+    Ok(Snapshot {
+        commit: Some(commit),
+        left_out,
+    })
+}
+
+/// The diff of the worktree as it is now (committed or not) against `base`, without touching the
+/// repository: the objects this writes go into the scratch git dir.
+pub async fn live_diff(
+    repo: &Repo,
+    dirs: &TaskDirs,
+    base: &str,
+    stat: bool,
+    staging: &Staging<'_>,
+) -> Result<Vec<u8>, GitError> {
+    let index = dirs
+        .scratch
+        .join(format!("index.diff-{}", std::process::id()));
+    let objects = dirs.scratch.join("diff-objects");
+    let host_objects = repo.objects_dir();
+    let alternates = [host_objects.as_path()];
+    let git = Git::guarded(&GuardedPaths {
+        git_dir: &dirs.scratch,
+        work_tree: &dirs.worktree,
+        index: &index,
+        objects: &objects,
+        alternates: &alternates,
+    });
+    let staged = stage(repo, dirs, &git, &index, staging).await;
+    let _ = std::fs::remove_file(&index);
+    let (_, tree, _) = staged?;
+    let mut args = vec!["diff", "--no-color", "--no-ext-diff", "--no-textconv"];
+    if stat {
+        args.push("--stat");
+    }
+    args.extend([base, tree.as_str()]);
+    Ok(git.run(&args).await?.stdout)
+}
+
+/// Stages the worktree into `index` and writes its tree. Returns the tip it started from, the tree
+/// and what was left out.
+async fn stage(
+    repo: &Repo,
+    dirs: &TaskDirs,
+    git: &Git,
+    index: &Path,
+    staging: &Staging<'_>,
+) -> Result<(gix::ObjectId, String, Vec<LeftOut>), GitError> {
+    if !dirs.worktree.is_dir() {
+        return Err(GitError::Io {
+            action: "find the worktree",
+            path: dirs.worktree.clone(),
+            source: std::io::ErrorKind::NotFound.into(),
+        });
+    }
+    let start = dirs.start_commit();
+    let tip = match (repo.branch_tip(&dirs.branch)?, start) {
+        (Some(tip), _) => tip,
+        (None, Some(start)) => start,
+        (None, None) => {
+            return Err(GitError::Read {
+                what: format!("branch {}", dirs.branch),
+                repo: repo.repo_dir.clone(),
+                reason: "it does not exist and the worktree's checkout never finished".into(),
+            });
+        }
+    };
+    let tip_hex = tip.to_string();
+    if start.is_some() {
+        std::fs::copy(dirs.start_index(), index).map_err(|source| GitError::Io {
+            action: "copy the index to",
+            path: index.to_owned(),
+            source,
+        })?;
+    }
+    // The index becomes the tip's tree; entries the tip did not change keep the stats of the
+    // checkout, so `git add` reads only the files whose stats changed since.
+    if start != Some(tip) {
+        git.run(&["read-tree", "--reset", &tip_hex]).await?;
+    }
+
+    let (worktree, index_path, limit) = (
+        dirs.worktree.clone(),
+        index.to_owned(),
+        staging.max_file_size,
+    );
+    let candidates =
+        tokio::task::spawn_blocking(move || changed_large_files(&worktree, &index_path, limit))
+            .await
+            .expect("walking the worktree does not panic")?;
+    let left_out = not_ignored(git, candidates).await?;
+
+    let excludes: Vec<String> = left_out
+        .iter()
+        .map(|l| format!(":(top,exclude,literal){}", l.path))
+        .collect();
+    let mut add = vec!["add", "--all", "--", ":(top)"];
+    add.extend(excludes.iter().map(String::as_str));
+    git.run(&add).await?;
+    let index_path = index.to_owned();
+    let own = staging.own_files.to_vec();
+    let own_staged = tokio::task::spawn_blocking(move || {
+        index_stats(&index_path).map(|entries| own.iter().any(|f| entries.contains_key(f)))
+    })
+    .await
+    .expect("reading an index does not panic")?;
+    if own_staged {
+        // agentbox's own files go back to what the branch has (usually: nothing), even if the task
+        // made them tracked files. (Naming ignored paths in `git add`, even to exclude them, is an
+        // error, so they are put back after.)
+        let mut reset = vec!["reset", "--quiet", tip_hex.as_str(), "--"];
+        reset.extend(staging.own_files.iter().map(String::as_str));
+        git.run(&reset).await?;
+    }
+    let tree = git.run(&["write-tree"]).await?.text();
+    Ok((tip, tree, left_out))
+}
+
+/// Regular files over `limit` bytes in the worktree that differ from their index entry (or have
+/// none). Nothing is followed and nothing is read: sizes and times come from `lstat`.
+fn changed_large_files(
+    worktree: &Path,
+    index: &Path,
+    limit: u64,
+) -> Result<Vec<(String, u64, bool)>, GitError> {
+    let mut large = Vec::new();
+    let mut pending: Vec<PathBuf> = vec![PathBuf::new()];
+    while let Some(relative) = pending.pop() {
+        let dir = worktree.join(&relative);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name == ".git" {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            let path = relative.join(&name);
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_file() && meta.len() > limit {
+                large.push((path, meta));
+            }
+        }
+    }
+    if large.is_empty() {
+        return Ok(Vec::new());
+    }
+    let entries = index_stats(index)?;
+    Ok(large
+        .into_iter()
+        .filter_map(|(path, meta)| {
+            use std::os::unix::fs::MetadataExt;
+            let path = path.to_string_lossy().into_owned();
+            let tracked = entries.get(&path);
+            let unchanged = tracked.is_some_and(|&(size, secs, nsecs)| {
+                size == meta.len() as u32
+                    && secs == meta.mtime() as u32
+                    && nsecs == meta.mtime_nsec() as u32
+            });
+            (!unchanged).then_some((path, meta.len(), tracked.is_some()))
+        })
+        .collect())
+}
+
+/// Path -> (size, mtime seconds, mtime nanoseconds) of every entry of an index agentbox wrote.
+fn index_stats(index: &Path) -> Result<HashMap<String, (u32, u32, u32)>, GitError> {
+    let file = gix::index::File::at(
+        index,
+        gix::hash::Kind::Sha1,
+        true,
+        gix::index::decode::Options::default(),
+    )
+    .map_err(|e| GitError::Io {
+        action: "read the index",
+        path: index.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(file
+        .entries()
+        .iter()
+        .map(|entry| {
+            let path = entry.path(&file).to_string();
+            let stat = entry.stat;
+            (path, (stat.size, stat.mtime.secs, stat.mtime.nsecs))
+        })
+        .collect())
+}
+
+/// The large files that `git add -A` would take: tracked ones, and untracked ones not ignored.
+async fn not_ignored(
+    git: &Git,
+    candidates: Vec<(String, u64, bool)>,
+) -> Result<Vec<LeftOut>, GitError> {
+    let untracked: Vec<&str> = candidates
+        .iter()
+        .filter(|(_, _, tracked)| !tracked)
+        .map(|(path, _, _)| path.as_str())
+        .collect();
+    let ignored: Vec<String> = if untracked.is_empty() {
+        Vec::new()
+    } else {
+        let mut input = untracked.join("\0").into_bytes();
+        input.push(0);
+        // Exit code 1 means "none ignored".
+        match git
+            .run_with_input(&["check-ignore", "-z", "--stdin"], Some(&input))
+            .await
+        {
+            Ok(out) => out
+                .stdout
+                .split(|&b| b == 0)
+                .filter(|p| !p.is_empty())
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect(),
+            Err(GitError::Command { stderr, .. }) if stderr.is_empty() => Vec::new(),
+            Err(e) => return Err(e),
+        }
+    };
+    let mut left_out: Vec<LeftOut> = candidates
+        .into_iter()
+        .filter(|(path, _, tracked)| *tracked || !ignored.contains(path))
+        .map(|(path, size, _)| LeftOut { path, size })
+        .collect();
+    left_out.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(left_out)
+}

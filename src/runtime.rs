@@ -1,0 +1,338 @@
+//! The seam between agentbox and a container engine: what a task needs of one, and nothing more.
+//!
+//! Everything above this trait (the supervisor, the teardown, recovery, batch, the subcommands) is
+//! written against [`Runtime`]; `src/docker/` is the one implementation, and the only module that
+//! names the engine's client library. The engine is chosen once, where the CLI starts. Unit tests
+//! drive the supervisor's and the teardown's decisions through a fake implementation
+//! (`runtime::fake`), while the integration tests run against the real engine.
+//!
+//! A task's *sandbox* is its container plus whatever runs beside it: sidecar services and the network
+//! that joins them. An engine creates it from a [`SandboxPlan`] in which every path, port and name is
+//! already known, so creation can overlap with the checkout of the task's worktree.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::stream::BoxStream;
+
+/// Label carrying the id of the repository a container or network belongs to.
+pub const REPO_LABEL: &str = "agentbox.repo";
+/// Label carrying the task's name.
+pub const TASK_LABEL: &str = "agentbox.task";
+/// Label carrying the name of a sidecar service.
+pub const SERVICE_LABEL: &str = "agentbox.service";
+/// Label of the network the tasks of a repository without services share (value `isolated`).
+pub const SHARED_LABEL: &str = "agentbox.shared";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "cannot reach the container engine at {address}: {reason} (is it running? DOCKER_HOST selects another engine)"
+    )]
+    Unreachable { address: String, reason: String },
+    #[error("image {image} is not present locally and could not be pulled: {reason}")]
+    ImageMissing { image: String, reason: String },
+    #[error(
+        "container or network name {name} is already in use; remove it or pick another task name"
+    )]
+    NameInUse { name: String },
+    #[error("service container {service} could not start: {message}")]
+    ServiceStart { service: String, message: String },
+    #[error("{action} {target} failed: {source}")]
+    Api {
+        action: &'static str,
+        target: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Why a created container could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The command does not exist in the image (`docker run` exits 127 for this).
+    #[error("command not found: {command}")]
+    NotFound { command: String },
+    /// The command exists but cannot be executed (`docker run` exits 126).
+    #[error("command cannot be executed: {command}")]
+    NotExecutable { command: String },
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+}
+
+/// Resource limits of one container. `None` is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    /// CPUs in billionths (`--cpus 1.5` is 1_500_000_000).
+    pub nano_cpus: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+/// How a container is connected.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Network {
+    /// A named network, with the host names others on it reach the container by.
+    Named { name: String, aliases: Vec<String> },
+    /// No network at all: a loopback interface only.
+    None,
+    /// The engine's default.
+    #[default]
+    Default,
+}
+
+/// Everything needed to create one container; all of it is known before the worktree exists.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    /// `None` runs the image's default command.
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's entrypoint (the setup wrapper does this).
+    pub entrypoint: Option<Vec<String>>,
+    pub env: Vec<String>,
+    pub labels: HashMap<String, String>,
+    /// Bind mounts.
+    pub mounts: Vec<Mount>,
+    pub working_dir: String,
+    /// `uid:gid`, or `None` for the image's user.
+    pub user: Option<String>,
+    /// `(container port, host port)` pairs, published on 127.0.0.1 only.
+    pub ports: Vec<(u16, u16)>,
+    pub network: Network,
+    pub limits: Limits,
+}
+
+/// A host path bound into a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+impl Mount {
+    /// A host path at the same path inside the container.
+    pub fn same_path(path: &std::path::Path, read_only: bool) -> Self {
+        let path = path.display().to_string();
+        Self {
+            source: path.clone(),
+            target: path,
+            read_only,
+        }
+    }
+}
+
+/// What an image runs when a container does not say otherwise.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageDefaults {
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+}
+
+/// A network a task's sandbox is on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkSpec {
+    pub name: String,
+    pub labels: HashMap<String, String>,
+    /// Shared by the tasks of a repository that have no services: created once and kept, with
+    /// traffic between its containers switched off, so that no task reaches another. A network that
+    /// is not shared is the task's own (its services are on it) and goes with the sandbox.
+    pub shared_isolated: bool,
+}
+
+/// What to create for a task, all known before anything exists.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxPlan {
+    /// The task's own network, created first and removed last.
+    pub network: Option<NetworkSpec>,
+    /// Started before the task's container is created.
+    pub services: Vec<ContainerSpec>,
+    pub task: ContainerSpec,
+    /// Shell commands run in the task's container before its command.
+    pub setup: Vec<String>,
+}
+
+/// What exists of a task's sandbox (complete, or as far as a failed creation got).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    pub network: Option<String>,
+    pub services: Vec<String>,
+    pub container: Option<String>,
+}
+
+impl Sandbox {
+    pub fn is_empty(&self) -> bool {
+        self.network.is_none() && self.services.is_empty() && self.container.is_none()
+    }
+}
+
+/// One chunk of a container's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    Stdout(bytes::Bytes),
+    Stderr(bytes::Bytes),
+    /// The container started but its command could not be executed; the engine's own message is
+    /// replaced by this. Nothing else comes after it.
+    NotStarted {
+        /// `true` when the command does not exist (127), `false` when it cannot be executed (126).
+        not_found: bool,
+        command: String,
+    },
+}
+
+pub type OutputStream = BoxStream<'static, Result<Output, RuntimeError>>;
+
+/// How a container's command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub code: i64,
+    /// The kernel's out-of-memory killer ended it (the exit code is then 137).
+    pub oom_killed: bool,
+}
+
+/// A container found by its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundContainer {
+    pub id: String,
+    pub name: String,
+    pub running: bool,
+    pub labels: HashMap<String, String>,
+}
+
+/// A network found by its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoundNetwork {
+    pub id: String,
+    pub name: String,
+    pub labels: HashMap<String, String>,
+}
+
+/// What a task needs of a container engine.
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync {
+    /// How the engine is named in messages ("the Docker engine at unix:///var/run/docker.sock").
+    fn describe(&self) -> String;
+
+    /// Makes sure the images exist, creates the network, starts the services and creates (without
+    /// starting) the task's container. On failure the error comes back with what was made, for the
+    /// rollback.
+    async fn create_sandbox(&self, plan: &SandboxPlan) -> Result<Sandbox, (RuntimeError, Sandbox)>;
+
+    /// The container's stdout and stderr, from now until it stops. Attach before starting, so that
+    /// not one byte of early output is lost.
+    async fn attach(&self, container: &str) -> Result<OutputStream, RuntimeError>;
+
+    async fn start(&self, container: &str) -> Result<(), StartError>;
+
+    /// Waits until the container is not running. Asked after the start, it cannot miss an exit that
+    /// already happened.
+    async fn wait(&self, container: &str) -> Result<Exit, RuntimeError>;
+
+    /// SIGTERM, then SIGKILL after `grace`. A container that is not running is not an error.
+    async fn stop(&self, container: &str, grace: Duration) -> Result<(), RuntimeError>;
+
+    /// SIGKILL now. A container that is not running is not an error.
+    async fn kill(&self, container: &str) -> Result<(), RuntimeError>;
+
+    /// Removes a container, killing it first if it still runs; one that is gone is not an error.
+    async fn remove_container(&self, container: &str) -> Result<(), RuntimeError>;
+
+    /// Removes a network; one that is gone is not an error.
+    async fn remove_network(&self, network: &str) -> Result<(), RuntimeError>;
+
+    /// Containers (running or not) carrying every one of `labels` (`key=value`).
+    async fn find_containers(&self, labels: &[String])
+    -> Result<Vec<FoundContainer>, RuntimeError>;
+
+    /// Networks carrying every one of `labels` (`key=value`).
+    async fn find_networks(&self, labels: &[String]) -> Result<Vec<FoundNetwork>, RuntimeError>;
+
+    /// How the container's command ended; `None` while it runs, when it never started, or when the
+    /// container is gone.
+    async fn exit_if_ended(&self, container: &str) -> Result<Option<Exit>, RuntimeError>;
+
+    /// Removes whatever exists of a sandbox: its containers at once, then its network. Returns what
+    /// could not be removed.
+    async fn remove_sandbox(&self, sandbox: &Sandbox) -> Vec<RuntimeError> {
+        let containers = sandbox.container.iter().chain(&sandbox.services);
+        let removed =
+            futures::future::join_all(containers.map(|id| self.remove_container(id))).await;
+        let mut problems: Vec<RuntimeError> = removed.into_iter().filter_map(Result::err).collect();
+        if let Some(network) = &sandbox.network
+            && let Err(e) = self.remove_network(network).await
+        {
+            problems.push(e);
+        }
+        problems
+    }
+}
+
+/// Runs the setup commands in the container's own shell before the task's command, so that their
+/// output is streamed and logged exactly like the command's. The command is what the container
+/// would have run without setup: the image's entrypoint followed by the given command (or the
+/// image's default command). Returns the new entrypoint and command.
+pub fn wrap_with_setup(
+    setup: &[String],
+    command: Option<Vec<String>>,
+    image: &ImageDefaults,
+) -> (Vec<String>, Vec<String>) {
+    let mut script = String::from(
+        "agentbox_setup() {\n\
+         \x20 printf 'agentbox: setup: %s\\n' \"$2\" >&2\n\
+         \x20 /bin/sh -c \"$2\" </dev/null\n\
+         \x20 rc=$?\n\
+         \x20 if [ \"$rc\" -ne 0 ]; then\n\
+         \x20   printf 'agentbox: setup step %s failed with exit code %s: %s\\n' \"$1\" \"$rc\" \"$2\" >&2\n\
+         \x20   exit \"$rc\"\n\
+         \x20 fi\n\
+         }\n",
+    );
+    for (index, step) in setup.iter().enumerate() {
+        script.push_str(&format!(
+            "agentbox_setup {} {}\n",
+            index + 1,
+            shell_words::quote(step)
+        ));
+    }
+    script.push_str("exec \"$@\"\n");
+    let entrypoint = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        script,
+        "agentbox-setup".to_owned(),
+    ];
+    let mut cmd = image.entrypoint.clone();
+    cmd.extend(command.unwrap_or_else(|| image.cmd.clone()));
+    (entrypoint, cmd)
+}
+
+#[cfg(test)]
+pub(crate) mod fake;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn setup_wraps_the_command_the_container_would_have_run() {
+        let image = ImageDefaults {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["serve".into()],
+        };
+        let setup = vec!["npm ci".to_owned(), "echo 'it''s'".to_owned()];
+        let (entrypoint, cmd) = wrap_with_setup(&setup, None, &image);
+        assert_eq!(entrypoint[0], "/bin/sh");
+        assert!(entrypoint[2].contains("agentbox_setup 1 'npm ci'\n"));
+        assert!(entrypoint[2].contains("agentbox_setup 2 "));
+        assert!(entrypoint[2].ends_with("exec \"$@\"\n"));
+        let quoted = entrypoint[2]
+            .lines()
+            .find(|l| l.starts_with("agentbox_setup 2 "))
+            .unwrap()
+            .trim_start_matches("agentbox_setup 2 ");
+        assert_eq!(shell_words::split(quoted).unwrap(), ["echo 'it''s'"]);
+        assert_eq!(cmd, ["/entry", "serve"]);
+        let (_, cmd) = wrap_with_setup(&setup, Some(vec!["make".into()]), &image);
+        assert_eq!(cmd, ["/entry", "make"]);
+    }
+}

@@ -1,0 +1,249 @@
+//! A container engine in memory, for unit tests of the decisions above the [`Runtime`] seam: the
+//! order of steps, rollbacks, recovery. It records every call, can be told to fail at a named step,
+//! and runs a closure in place of the task's command (to play the task: write files, commit).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{
+    Exit, FoundContainer, FoundNetwork, Output, OutputStream, Runtime, RuntimeError, Sandbox,
+    SandboxPlan, StartError,
+};
+
+/// What the task's "command" does when the container starts: it gets the container's name.
+pub(crate) type Command = Arc<dyn Fn(&str) + Send + Sync>;
+
+#[derive(Default)]
+struct State {
+    calls: Vec<String>,
+    fail_on: Option<&'static str>,
+    exit: Option<Exit>,
+    output: Vec<Output>,
+    containers: BTreeMap<String, (String, HashMap<String, String>, bool)>,
+    networks: BTreeMap<String, HashMap<String, String>>,
+    next_id: u64,
+    command: Option<Command>,
+}
+
+#[derive(Clone, Default)]
+pub(crate) struct FakeRuntime {
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeRuntime {
+    /// Makes the step named `step` fail (`create_network`, `create_service`, `create_container`,
+    /// `attach`, `start`, `wait`, `remove_container`, …).
+    pub(crate) fn fail_on(&self, step: &'static str) {
+        self.state.lock().unwrap().fail_on = Some(step);
+    }
+
+    pub(crate) fn exit_with(&self, exit: Exit) {
+        self.state.lock().unwrap().exit = Some(exit);
+    }
+
+    pub(crate) fn output(&self, output: Vec<Output>) {
+        self.state.lock().unwrap().output = output;
+    }
+
+    /// What the task does while it runs.
+    pub(crate) fn command(&self, command: Command) {
+        self.state.lock().unwrap().command = Some(command);
+    }
+
+    pub(crate) fn calls(&self) -> Vec<String> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Names of the containers that exist.
+    pub(crate) fn containers(&self) -> Vec<String> {
+        let state = self.state.lock().unwrap();
+        state
+            .containers
+            .values()
+            .map(|(n, _, _)| n.clone())
+            .collect()
+    }
+
+    pub(crate) fn networks(&self) -> Vec<String> {
+        self.state
+            .lock()
+            .unwrap()
+            .networks
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn call(&self, name: &str, target: &str) -> Result<(), RuntimeError> {
+        let mut state = self.state.lock().unwrap();
+        state.calls.push(format!("{name} {target}"));
+        if state.fail_on == Some(name) {
+            return Err(RuntimeError::Api {
+                action: "faking",
+                target: format!("{name} {target}"),
+                source: "the fake engine was told to fail here".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn add_container(&self, name: &str, labels: &HashMap<String, String>) -> String {
+        let mut state = self.state.lock().unwrap();
+        state.next_id += 1;
+        let id = format!("fake-{}", state.next_id);
+        state
+            .containers
+            .insert(id.clone(), (name.to_owned(), labels.clone(), false));
+        id
+    }
+
+    fn set_running(&self, id: &str, running: bool) {
+        if let Some(entry) = self.state.lock().unwrap().containers.get_mut(id) {
+            entry.2 = running;
+        }
+    }
+}
+
+fn matches(labels: &HashMap<String, String>, wanted: &[String]) -> bool {
+    wanted.iter().all(|w| {
+        let (key, value) = w.split_once('=').unwrap_or((w, ""));
+        labels.get(key).is_some_and(|v| v == value)
+    })
+}
+
+#[async_trait::async_trait]
+impl Runtime for FakeRuntime {
+    fn describe(&self) -> String {
+        "the fake engine".into()
+    }
+
+    async fn create_sandbox(&self, plan: &SandboxPlan) -> Result<Sandbox, (RuntimeError, Sandbox)> {
+        let mut made = Sandbox::default();
+        if let Some(network) = &plan.network {
+            self.call("create_network", &network.name)
+                .map_err(|e| (e, made.clone()))?;
+            self.state
+                .lock()
+                .unwrap()
+                .networks
+                .insert(network.name.clone(), network.labels.clone());
+            made.network = Some(network.name.clone());
+        }
+        for service in &plan.services {
+            self.call("create_service", &service.name)
+                .map_err(|e| (e, made.clone()))?;
+            let id = self.add_container(&service.name, &service.labels);
+            self.set_running(&id, true);
+            made.services.push(id);
+        }
+        self.call("create_container", &plan.task.name)
+            .map_err(|e| (e, made.clone()))?;
+        made.container = Some(self.add_container(&plan.task.name, &plan.task.labels));
+        Ok(made)
+    }
+
+    async fn attach(&self, container: &str) -> Result<OutputStream, RuntimeError> {
+        self.call("attach", container)?;
+        let output: Vec<Result<Output, RuntimeError>> = self
+            .state
+            .lock()
+            .unwrap()
+            .output
+            .iter()
+            .cloned()
+            .map(Ok)
+            .collect();
+        Ok(Box::pin(futures::stream::iter(output)))
+    }
+
+    async fn start(&self, container: &str) -> Result<(), StartError> {
+        self.call("start", container)?;
+        self.set_running(container, true);
+        let command = self.state.lock().unwrap().command.clone();
+        if let Some(command) = command {
+            command(container);
+        }
+        Ok(())
+    }
+
+    async fn wait(&self, container: &str) -> Result<Exit, RuntimeError> {
+        self.call("wait", container)?;
+        self.set_running(container, false);
+        Ok(self.state.lock().unwrap().exit.unwrap_or(Exit {
+            code: 0,
+            oom_killed: false,
+        }))
+    }
+
+    async fn stop(&self, container: &str, _grace: Duration) -> Result<(), RuntimeError> {
+        self.call("stop", container)?;
+        self.set_running(container, false);
+        Ok(())
+    }
+
+    async fn kill(&self, container: &str) -> Result<(), RuntimeError> {
+        self.call("kill", container)?;
+        self.set_running(container, false);
+        Ok(())
+    }
+
+    async fn remove_container(&self, container: &str) -> Result<(), RuntimeError> {
+        self.call("remove_container", container)?;
+        self.state.lock().unwrap().containers.remove(container);
+        Ok(())
+    }
+
+    async fn remove_network(&self, network: &str) -> Result<(), RuntimeError> {
+        self.call("remove_network", network)?;
+        let mut state = self.state.lock().unwrap();
+        let found = state.networks.keys().find(|n| *n == network).cloned();
+        if let Some(name) = found {
+            state.networks.remove(&name);
+        }
+        Ok(())
+    }
+
+    async fn find_containers(
+        &self,
+        labels: &[String],
+    ) -> Result<Vec<FoundContainer>, RuntimeError> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .containers
+            .iter()
+            .filter(|(_, (_, l, _))| matches(l, labels))
+            .map(|(id, (name, l, running))| FoundContainer {
+                id: id.clone(),
+                name: name.clone(),
+                running: *running,
+                labels: l.clone(),
+            })
+            .collect())
+    }
+
+    async fn find_networks(&self, labels: &[String]) -> Result<Vec<FoundNetwork>, RuntimeError> {
+        let state = self.state.lock().unwrap();
+        Ok(state
+            .networks
+            .iter()
+            .filter(|(_, l)| matches(l, labels))
+            .map(|(name, l)| FoundNetwork {
+                id: name.clone(),
+                name: name.clone(),
+                labels: l.clone(),
+            })
+            .collect())
+    }
+
+    async fn exit_if_ended(&self, container: &str) -> Result<Option<Exit>, RuntimeError> {
+        let state = self.state.lock().unwrap();
+        let ended = state.containers.get(container).is_some_and(|c| !c.2);
+        Ok(ended.then(|| {
+            state.exit.unwrap_or(Exit {
+                code: 0,
+                oom_killed: false,
+            })
+        }))
+    }
+}

@@ -1,0 +1,531 @@
+//! The supervisor's and the teardown's decisions, driven through the fake engine over a real
+//! repository: what a run leaves, what a failed creation rolls back, and how a teardown cut short at
+//! any step is finished by recovery without losing anything.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use indexmap::IndexMap;
+use tokio::sync::{mpsc, watch};
+
+use super::{RunError, RunOutcome, RunRequest, StopLevel};
+use crate::config::ServiceConfig;
+use crate::git::Identity;
+use crate::recovery;
+use crate::runtime::fake::FakeRuntime;
+use crate::task::{TaskName, TaskState};
+use crate::teardown::{self, Ending, Leftovers, Step};
+use crate::workspace::Workspace;
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    repo: PathBuf,
+    ws: Workspace,
+}
+
+fn git(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@t")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@t")
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().canonicalize().unwrap();
+    let repo = root.join("proj");
+    std::fs::create_dir_all(repo.join("dir")).unwrap();
+    git(&repo, &["init", "-q", "-b", "main"], &[]);
+    git(&repo, &["config", "user.name", "t"], &[]);
+    git(&repo, &["config", "user.email", "t@t"], &[]);
+    std::fs::write(repo.join("a.txt"), "a\n").unwrap();
+    std::fs::write(repo.join("dir/b.txt"), "b\n").unwrap();
+    git(&repo, &["add", "-A"], &[]);
+    git(&repo, &["commit", "-q", "-m", "initial"], &[]);
+    let ws = Workspace::open(&repo, &root.join("state")).unwrap();
+    Fixture {
+        _tmp: tmp,
+        repo,
+        ws,
+    }
+}
+
+impl Fixture {
+    fn request(&self, task: &str) -> RunRequest {
+        let mut request = RunRequest::new(TaskName::parse(task).unwrap(), "img");
+        request.ports = IndexMap::from([("web".to_owned(), 3000)]);
+        request.services = IndexMap::from([(
+            "db".to_owned(),
+            ServiceConfig {
+                image: "db-img".into(),
+                env: IndexMap::new(),
+                ports: IndexMap::new(),
+                command: None,
+            },
+        )]);
+        request.stop_timeout = Duration::from_secs(1);
+        request
+    }
+
+    async fn run(&self, fake: &FakeRuntime, request: RunRequest) -> Result<RunOutcome, RunError> {
+        let (events, mut received) = mpsc::channel(64);
+        let drain = tokio::spawn(async move { while received.recv().await.is_some() {} });
+        let (_stop, stop) = watch::channel(StopLevel::Continue);
+        let result = super::run(&self.ws, fake, request, events, stop).await;
+        let _ = drain.await;
+        result
+    }
+
+    fn branch_tip(&self, task: &str) -> Option<String> {
+        self.ws
+            .repo
+            .branch_tip(&format!("agentbox/{task}"))
+            .unwrap()
+            .map(|id| id.to_string())
+    }
+
+    fn file_at(&self, rev: &str, path: &str) -> Option<String> {
+        let out = Command::new("git")
+            .args(["cat-file", "-p", &format!("{rev}:{path}")])
+            .current_dir(&self.repo)
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn subjects(&self, range: &str) -> Vec<String> {
+        git(&self.repo, &["log", "--format=%s", range], &[])
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Asserts that nothing of the task is left but (possibly) its branch.
+    fn assert_no_trace(&self, fake: &FakeRuntime, task: &str) {
+        let name = TaskName::parse(task).unwrap();
+        let dirs = self.ws.task_dirs(&name, &self.ws.worktree_path(&name));
+        for dir in [&dirs.worktree, &dirs.git_dir, &dirs.scratch] {
+            assert!(!dir.exists(), "{} is left", dir.display());
+        }
+        assert_eq!(
+            fake.containers(),
+            Vec::<String>::new(),
+            "containers are left"
+        );
+        assert_eq!(fake.networks(), Vec::<String>::new(), "networks are left");
+        let owner = crate::ports::Owner {
+            repo_id: self.ws.repo_id.clone(),
+            task: task.to_owned(),
+        };
+        assert!(
+            self.ws.ports.held_by(&owner).unwrap().is_empty(),
+            "ports are still held"
+        );
+    }
+}
+
+/// The task's command, played on the host: a commit in the task's own git dir (`committed.txt`)
+/// and a file left uncommitted in the worktree (`wip.txt`).
+fn plays_a_task(fx: &Fixture, fake: &FakeRuntime, task: &str) {
+    let name = TaskName::parse(task).unwrap();
+    let dirs = fx.ws.task_dirs(&name, &fx.ws.worktree_path(&name));
+    fake.command(Arc::new(move |_| {
+        commit_in_task(
+            &dirs.git_dir,
+            &dirs.worktree,
+            "committed.txt",
+            "by the task",
+        );
+        std::fs::write(dirs.worktree.join("wip.txt"), "uncommitted\n").unwrap();
+    }));
+}
+
+fn commit_in_task(git_dir: &Path, worktree: &Path, file: &str, message: &str) {
+    std::fs::write(worktree.join(file), format!("{message}\n")).unwrap();
+    let env = [("GIT_DIR", git_dir), ("GIT_WORK_TREE", worktree)];
+    git(worktree, &["add", file], &env);
+    git(worktree, &["commit", "-q", "-m", message], &env);
+}
+
+#[tokio::test]
+async fn a_run_leaves_the_work_on_its_branch_and_nothing_else() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    plays_a_task(&fx, &fake, "t");
+    let outcome = fx.run(&fake, fx.request("t")).await.unwrap();
+    assert_eq!(outcome.exit_code, 0);
+    let tip = fx.branch_tip("t").unwrap();
+    assert_eq!(
+        outcome.summary.snapshot_commit.as_deref(),
+        Some(tip.as_str())
+    );
+    assert_eq!(
+        fx.subjects("main..agentbox/t"),
+        [
+            "agentbox: snapshot of uncommitted work in task t",
+            "by the task"
+        ]
+    );
+    assert_eq!(
+        fx.file_at(&tip, "wip.txt").as_deref(),
+        Some("uncommitted\n")
+    );
+    assert_eq!(
+        fx.file_at(&tip, ".env.agentbox"),
+        None,
+        "the env file is never committed"
+    );
+    fx.assert_no_trace(&fake, "t");
+    let record = fx
+        .ws
+        .state
+        .read(&TaskName::parse("t").unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.state, TaskState::Exited);
+    let calls = fake.calls();
+    let position = |prefix: &str| {
+        calls
+            .iter()
+            .position(|c| c.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {calls:?}"))
+    };
+    assert!(
+        position("attach") < position("start"),
+        "attached before start: {calls:?}"
+    );
+    assert!(position("create_network") < position("create_service"));
+    assert!(position("create_service") < position("create_container"));
+}
+
+#[tokio::test]
+async fn every_creation_step_failing_rolls_back_fully() {
+    for step in [
+        "create_network",
+        "create_service",
+        "create_container",
+        "attach",
+        "start",
+    ] {
+        let fx = fixture();
+        let fake = FakeRuntime::default();
+        fake.fail_on(step);
+        let err = fx.run(&fake, fx.request("t")).await.unwrap_err();
+        assert!(err.to_string().contains("fake engine"), "{step}: {err}");
+        fx.assert_no_trace(&fake, "t");
+        assert_eq!(
+            fx.branch_tip("t"),
+            None,
+            "{step}: the new branch is rolled back"
+        );
+        assert!(
+            fx.ws.state.list().unwrap().is_empty(),
+            "{step}: no record is left"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_rollback_keeps_a_branch_that_existed_before() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    plays_a_task(&fx, &fake, "t");
+    fx.run(&fake, fx.request("t")).await.unwrap();
+    let tip = fx.branch_tip("t");
+    let fake = FakeRuntime::default();
+    fake.fail_on("create_container");
+    fx.run(&fake, fx.request("t")).await.unwrap_err();
+    assert_eq!(fx.branch_tip("t"), tip, "the branch and its work stay");
+    fx.assert_no_trace(&fake, "t");
+}
+
+/// Leaves task `t` as a supervisor that died right after the command ended would: containers
+/// stopped, a commit in the task's git dir that was never imported, uncommitted work in the
+/// worktree, the record in `tearing-down`.
+async fn ended_but_not_torn_down(fx: &Fixture, fake: &FakeRuntime) {
+    plays_a_task(fx, fake, "t");
+    let mut request = fx.request("t");
+    request.keep = true;
+    fx.run(fake, request).await.unwrap();
+    let name = TaskName::parse("t").unwrap();
+    let dirs = fx.ws.task_dirs(&name, &fx.ws.worktree_path(&name));
+    commit_in_task(
+        &dirs.git_dir,
+        &dirs.worktree,
+        "later.txt",
+        "later by the task",
+    );
+    std::fs::write(dirs.worktree.join("wip2.txt"), "more\n").unwrap();
+    let mut record = fx.ws.state.read(&name).unwrap().unwrap();
+    record.state = TaskState::TearingDown;
+    fx.ws.state.write(&record).unwrap();
+    // Its ports are still promised to it.
+    let owner = crate::ports::Owner {
+        repo_id: fx.ws.repo_id.clone(),
+        task: "t".into(),
+    };
+    let names = ["web".to_owned()];
+    let range = crate::config::PortRange::default();
+    fx.ws
+        .ports
+        .reserve(&owner, &names, range, &Default::default())
+        .unwrap();
+}
+
+fn teardown_options(ending: Ending) -> teardown::Options {
+    teardown::Options {
+        stop_timeout: Duration::from_secs(1),
+        by: "a test",
+        keep: false,
+        release_ports: true,
+        dry_run: false,
+        max_file_size: teardown::DEFAULT_MAX_SNAPSHOT_FILE,
+        identity: Identity::fallback(),
+        ending,
+        discard_unsaved: false,
+    }
+}
+
+/// Runs the teardown of `t` and "crashes" (panics, dropping the task's lock as a dying process
+/// would) right after step `crash_after`. Returns the steps taken.
+async fn tear_down_and_crash(fx: &Fixture, fake: &FakeRuntime, crash_after: usize) -> usize {
+    let name = TaskName::parse("t").unwrap();
+    let claim = fx.ws.state.try_claim(&name).unwrap().unwrap();
+    let mut record = fx.ws.state.read(&name).unwrap().unwrap();
+    let leftovers = Leftovers::find(fake, &fx.ws.repo_id, &name).await.unwrap();
+    let options = teardown_options(Ending::Exited);
+    let mut taken = 0;
+    let mut crash = |_: &Step| {
+        taken += 1;
+        if taken > crash_after {
+            panic!("simulated crash after step {crash_after}");
+        }
+    };
+    let teardown = teardown::tear_down(
+        &fx.ws,
+        fake,
+        &mut record,
+        leftovers,
+        &options,
+        &claim,
+        &mut crash,
+    );
+    let _ = std::panic::AssertUnwindSafe(teardown).catch_unwind().await;
+    drop(claim);
+    taken
+}
+
+#[tokio::test]
+async fn a_teardown_cut_short_at_any_step_is_finished_by_recovery_without_loss() {
+    // How many steps a whole teardown of this state takes.
+    let steps = {
+        let fx = fixture();
+        let fake = FakeRuntime::default();
+        ended_but_not_torn_down(&fx, &fake).await;
+        tear_down_and_crash(&fx, &fake, usize::MAX).await
+    };
+    assert!(
+        steps >= 7,
+        "two containers, a network, the import, the worktree, the ports, the record: {steps}"
+    );
+    let quiet = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    for crash_after in 0..steps {
+        let fx = fixture();
+        let fake = FakeRuntime::default();
+        ended_but_not_torn_down(&fx, &fake).await;
+        tear_down_and_crash(&fx, &fake, crash_after).await;
+
+        let options = recovery::Options {
+            dry_run: false,
+            stop_timeout: Duration::from_secs(1),
+            max_file_size: teardown::DEFAULT_MAX_SNAPSHOT_FILE,
+        };
+        let mut failed = Vec::new();
+        recovery::reconcile(&fx.ws, &fake, &options, &mut |step| {
+            if !step.ok {
+                failed.push(step.clone());
+            }
+        })
+        .await
+        .unwrap();
+        assert!(failed.is_empty(), "crash after {crash_after}: {failed:?}");
+
+        fx.assert_no_trace(&fake, "t");
+        let tip = fx.branch_tip("t").unwrap();
+        for (file, contents) in [
+            ("committed.txt", "by the task\n"),
+            ("later.txt", "later by the task\n"),
+            ("wip.txt", "uncommitted\n"),
+            ("wip2.txt", "more\n"),
+        ] {
+            assert_eq!(
+                fx.file_at(&tip, file).as_deref(),
+                Some(contents),
+                "crash after {crash_after}: {file} on the branch"
+            );
+        }
+        let subjects: BTreeSet<String> = fx.subjects("main..agentbox/t").into_iter().collect();
+        assert!(
+            subjects.contains("later by the task"),
+            "crash after {crash_after}"
+        );
+        let snapshots = fx
+            .subjects("main..agentbox/t")
+            .iter()
+            .filter(|s| s.starts_with("agentbox: snapshot"))
+            .count();
+        assert_eq!(
+            snapshots, 1,
+            "crash after {crash_after}: one snapshot, not two"
+        );
+        let record = fx
+            .ws
+            .state
+            .read(&TaskName::parse("t").unwrap())
+            .unwrap()
+            .unwrap();
+        assert!(
+            !record.state.is_active() && record.state != TaskState::Kept,
+            "crash after {crash_after}: {:?}",
+            record.state
+        );
+
+        // A second recovery finds nothing to do.
+        let mut steps_again = 0;
+        recovery::reconcile(&fx.ws, &fake, &options, &mut |_| steps_again += 1)
+            .await
+            .unwrap();
+        assert_eq!(
+            steps_again, 0,
+            "crash after {crash_after}: a second teardown is a no-op"
+        );
+    }
+    std::panic::set_hook(quiet);
+}
+
+#[tokio::test]
+async fn a_half_removed_worktree_is_never_committed_as_deletions() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    ended_but_not_torn_down(&fx, &fake).await;
+    let name = TaskName::parse("t").unwrap();
+    let dirs = fx.ws.task_dirs(&name, &fx.ws.worktree_path(&name));
+    let mut record = fx.ws.state.read(&name).unwrap().unwrap();
+    record.state = TaskState::RemovingWorktree;
+    fx.ws.state.write(&record).unwrap();
+    std::fs::remove_file(dirs.worktree.join("a.txt")).unwrap();
+    std::fs::remove_dir_all(dirs.worktree.join("dir")).unwrap();
+    let before = fx.branch_tip("t");
+
+    let options = recovery::Options {
+        dry_run: false,
+        stop_timeout: Duration::from_secs(1),
+        max_file_size: teardown::DEFAULT_MAX_SNAPSHOT_FILE,
+    };
+    recovery::reconcile(&fx.ws, &fake, &options, &mut |_| {})
+        .await
+        .unwrap();
+    fx.assert_no_trace(&fake, "t");
+    let tip = fx.branch_tip("t").unwrap();
+    assert_eq!(
+        fx.file_at(&tip, "a.txt").as_deref(),
+        Some("a\n"),
+        "no deletion was committed"
+    );
+    // The commit the task made is imported, but no snapshot of the half-removed worktree is made.
+    assert_ne!(Some(tip.clone()), before);
+    assert_eq!(fx.subjects("agentbox/t")[0], "later by the task");
+}
+
+#[tokio::test]
+async fn an_out_of_memory_exit_is_recorded_and_the_work_kept() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    plays_a_task(&fx, &fake, "t");
+    fake.exit_with(crate::runtime::Exit {
+        code: 137,
+        oom_killed: true,
+    });
+    let mut request = fx.request("t");
+    request.limits.memory_bytes = Some(64 << 20);
+    let outcome = fx.run(&fake, request).await.unwrap();
+    assert_eq!(outcome.exit_code, 137);
+    assert!(outcome.oom_killed);
+    let tip = fx.branch_tip("t").unwrap();
+    assert_eq!(
+        fx.file_at(&tip, "wip.txt").as_deref(),
+        Some("uncommitted\n")
+    );
+    let record = fx
+        .ws
+        .state
+        .read(&TaskName::parse("t").unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(record.oom_killed);
+    assert_eq!(
+        super::out_of_memory_message(&record.name, record.memory_limit),
+        "task t was killed: out of memory (limit 64 MiB)"
+    );
+}
+
+#[tokio::test]
+async fn a_command_the_image_lacks_is_reported_in_agentboxs_words() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    fake.output(vec![crate::runtime::Output::NotStarted {
+        not_found: true,
+        command: "make".into(),
+    }]);
+    fake.exit_with(crate::runtime::Exit {
+        code: 127,
+        oom_killed: false,
+    });
+    let (events, mut received) = mpsc::channel(64);
+    let collect = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Some(event) = received.recv().await {
+            all.push(event);
+        }
+        all
+    });
+    let (_stop, stop) = watch::channel(StopLevel::Continue);
+    let outcome = super::run(&fx.ws, &fake, fx.request("t"), events, stop)
+        .await
+        .unwrap();
+    assert_eq!(outcome.exit_code, 127);
+    let events = collect.await.unwrap();
+    assert!(
+        events.contains(&super::RunEvent::StartFailed {
+            message: "command not found in image img: make".into()
+        }),
+        "{events:?}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, super::RunEvent::Output(_))),
+        "the engine's own words are not passed on: {events:?}"
+    );
+}

@@ -1,0 +1,648 @@
+//! The one teardown of a task, used by the supervisor when the command ends, by recovery (`gc`, and
+//! `run` after a crash) when a supervisor died, and by `rm`.
+//!
+//! # Theory of operation
+//!
+//! In this order, because no step may lose what the next one keeps:
+//!
+//! 1. **Stop**: the task's containers (found by their labels) that still run are stopped (SIGTERM, the
+//!    grace period, SIGKILL), so that nothing writes into the worktree any more. If one cannot be
+//!    stopped, nothing below touches the worktree.
+//! 2. **Containers and network** are removed (with `keep` they stay, stopped) *while* steps 3-5
+//!    keep the work: nothing of the task runs any more.
+//! 3. **Import**: the task's branch is brought from its own git dir into the repository
+//!    ([`git::import`](crate::git::import)), validated, never losing a tip.
+//! 4. **Snapshot**: whatever the worktree holds uncommitted becomes one commit on the branch. Not for
+//!    a task that never finished its creation (its checkout may be half done), nor once the removal
+//!    has begun (a half-removed worktree would be committed as deletions).
+//! 5. **Removal**: the record says `removing-worktree` first; then the worktree, the task's git dir
+//!    and agentbox's scratch dir go. They stay (and the task is `kept`) when `keep` was asked for,
+//!    when files were too large for the snapshot, when the import refused the task's git dir, or when
+//!    the snapshot failed: work is never thrown away.
+//! 6. **Ports** are released once no container of the task can listen on them.
+//! 7. **Record**: the final state, with what happened.
+//!
+//! Every step is idempotent and recorded before or as it acts, so a teardown cut short at any point
+//! is finished by the next one (recovery), and a teardown of a torn-down task does nothing.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::git::import::{self, Imported};
+use crate::git::snapshot::{self, LeftOut, Staging};
+use crate::git::{GitError, Identity, TaskDirs};
+use crate::ports::Owner;
+use crate::runtime::{Exit, FoundContainer, FoundNetwork, REPO_LABEL, Runtime, TASK_LABEL};
+use crate::state::TaskClaim;
+use crate::task::{TaskName, TaskRecord, TaskState};
+use crate::workspace::Workspace;
+
+/// Files larger than this are not put into a snapshot unless configured otherwise.
+pub const DEFAULT_MAX_SNAPSHOT_FILE: u64 = 100 << 20;
+
+/// The kinds of step a teardown takes. Their kebab-case names are part of the `gc --json` schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepKind {
+    /// A container still ran: SIGTERM, the grace period, SIGKILL.
+    StopContainer,
+    RemoveContainer,
+    RemoveNetwork,
+    /// The task's branch was brought into the repository.
+    ImportBranch,
+    /// The worktree's uncommitted work is snapshot-committed to the task's branch, then the
+    /// worktree and the task's git dirs are removed.
+    RemoveWorktree,
+    ReleasePorts,
+    /// The record's new state.
+    MarkRecord,
+}
+
+impl StepKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StopContainer => "stop-container",
+            Self::RemoveContainer => "remove-container",
+            Self::RemoveNetwork => "remove-network",
+            Self::ImportBranch => "import-branch",
+            Self::RemoveWorktree => "remove-worktree",
+            Self::ReleasePorts => "release-ports",
+            Self::MarkRecord => "mark-record",
+        }
+    }
+}
+
+/// One step taken (or, with `dry_run`, that would be taken). Its JSON form is one line of
+/// `gc --json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Step {
+    pub action: StepKind,
+    pub task: TaskName,
+    /// What the step acts on: a container or network name, a branch, a worktree path, `name=port`
+    /// pairs, the record's new state.
+    pub target: String,
+    pub dry_run: bool,
+    /// `false` when the step failed; `error` then says why and what was kept.
+    pub ok: bool,
+    pub error: Option<String>,
+    /// The commit that keeps the worktree's uncommitted work.
+    pub snapshot_commit: Option<String>,
+}
+
+/// What exists of a task in the engine.
+#[derive(Debug, Default, Clone)]
+pub struct Leftovers {
+    pub containers: Vec<FoundContainer>,
+    pub networks: Vec<FoundNetwork>,
+}
+
+impl Leftovers {
+    pub fn is_empty(&self) -> bool {
+        self.containers.is_empty() && self.networks.is_empty()
+    }
+
+    /// The task's containers and networks, by their labels.
+    pub async fn find(
+        runtime: &dyn Runtime,
+        repo_id: &str,
+        task: &TaskName,
+    ) -> Result<Self, crate::runtime::RuntimeError> {
+        let labels = [
+            format!("{REPO_LABEL}={repo_id}"),
+            format!("{TASK_LABEL}={task}"),
+        ];
+        let (containers, networks) = tokio::join!(
+            runtime.find_containers(&labels),
+            runtime.find_networks(&labels)
+        );
+        Ok(Self {
+            containers: containers?,
+            networks: networks?,
+        })
+    }
+}
+
+/// How the task ends up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The supervisor saw the command end.
+    Exited,
+    /// Someone else finished what a dead supervisor started.
+    Recovered,
+    /// The task never got past its creation: rolled back.
+    RolledBack,
+}
+
+/// How to tear down.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub stop_timeout: Duration,
+    /// Who tears down, for the record's note ("agentbox gc").
+    pub by: &'static str,
+    /// Leave the worktree and the stopped containers (`run --keep`).
+    pub keep: bool,
+    /// Give the host ports back (not when a new run of the task is about to take them again).
+    pub release_ports: bool,
+    pub dry_run: bool,
+    pub max_file_size: u64,
+    pub identity: Identity,
+    pub ending: Ending,
+    /// Remove the worktree and the task's git dir even when files were too large for the snapshot
+    /// or the import refused the git dir (`agentbox rm`: the user has seen the message and decided).
+    pub discard_unsaved: bool,
+}
+
+/// What a teardown did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub steps: Vec<Step>,
+    pub snapshot_commit: Option<String>,
+    pub import: Option<Imported>,
+    /// Refs made to keep what the task held beyond its branch (`refs/agentbox/<task>/stash`).
+    pub kept_refs: Vec<String>,
+    pub left_out: Vec<LeftOut>,
+    /// Where the work stays when the worktree was kept (asked for, or to keep work safe).
+    pub kept_worktree: Option<PathBuf>,
+    /// The exit of the task's own container, when it ended while nobody waited for it.
+    pub exit: Option<Exit>,
+    /// What went wrong and stopped the teardown short; nothing was discarded because of it, and the
+    /// next teardown tries again.
+    pub problems: Vec<String>,
+    /// What went wrong without stopping the teardown (an import refused: its git dir is kept).
+    pub notices: Vec<String>,
+}
+
+/// Removes the task's containers (or, keeping, leaves them stopped) and then its network; returns
+/// the steps for the caller to report.
+async fn removal(
+    runtime: &dyn Runtime,
+    leftovers: &Leftovers,
+    keep: bool,
+    dry_run: bool,
+) -> Vec<(StepKind, String, Result<Option<String>, String>)> {
+    let mut steps = Vec::new();
+    if keep {
+        return steps;
+    }
+    let removed = futures::future::join_all(leftovers.containers.iter().map(|c| async move {
+        let result = if dry_run {
+            Ok(None)
+        } else {
+            runtime
+                .remove_container(&c.id)
+                .await
+                .map(|()| None)
+                .map_err(|e| e.to_string())
+        };
+        (StepKind::RemoveContainer, c.name.clone(), result)
+    }))
+    .await;
+    let containers_gone = removed.iter().all(|(_, _, r)| r.is_ok());
+    steps.extend(removed);
+    if containers_gone {
+        for network in &leftovers.networks {
+            let result = if dry_run {
+                Ok(None)
+            } else {
+                runtime
+                    .remove_network(&network.id)
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| e.to_string())
+            };
+            steps.push((StepKind::RemoveNetwork, network.name.clone(), result));
+        }
+    }
+    steps
+}
+
+/// Tears the task of `record` down (see the module documentation), calling `report` with each step
+/// as it is taken. The caller proves with `claim` that it holds the task's lock.
+pub async fn tear_down(
+    ws: &Workspace,
+    runtime: &dyn Runtime,
+    record: &mut TaskRecord,
+    leftovers: Leftovers,
+    options: &Options,
+    _claim: &TaskClaim,
+    report: &mut (dyn FnMut(&Step) + Send),
+) -> Report {
+    let mut run = Run {
+        ws,
+        runtime,
+        options,
+        report,
+        out: Report::default(),
+        task: record.name.clone(),
+    };
+    run.all(record, leftovers).await;
+    run.out
+}
+
+struct Run<'a> {
+    ws: &'a Workspace,
+    runtime: &'a dyn Runtime,
+    options: &'a Options,
+    report: &'a mut (dyn FnMut(&Step) + Send),
+    out: Report,
+    task: TaskName,
+}
+
+impl Run<'_> {
+    fn step(
+        &mut self,
+        action: StepKind,
+        target: impl Into<String>,
+        result: Result<Option<String>, String>,
+    ) -> bool {
+        if let Err(error) = &result {
+            self.out.problems.push(error.clone());
+        }
+        self.report_step(action, target, result)
+    }
+
+    /// A step that failed without stopping the teardown.
+    fn notice(&mut self, action: StepKind, target: impl Into<String>, error: String) {
+        self.out.notices.push(error.clone());
+        self.report_step(action, target, Err(error));
+    }
+
+    fn report_step(
+        &mut self,
+        action: StepKind,
+        target: impl Into<String>,
+        result: Result<Option<String>, String>,
+    ) -> bool {
+        let ok = result.is_ok();
+        let (snapshot_commit, error) = match result {
+            Ok(commit) => (commit, None),
+            Err(e) => (None, Some(e)),
+        };
+        let step = Step {
+            action,
+            task: self.task.clone(),
+            target: target.into(),
+            dry_run: self.options.dry_run,
+            ok,
+            error,
+            snapshot_commit,
+        };
+        (self.report)(&step);
+        self.out.steps.push(step);
+        ok
+    }
+
+    async fn save(&mut self, record: &TaskRecord) -> bool {
+        if self.options.dry_run {
+            return true;
+        }
+        match self.ws.state.save(record).await {
+            Ok(()) => true,
+            Err(e) => {
+                self.step(
+                    StepKind::MarkRecord,
+                    record.state.as_str(),
+                    Err(e.to_string()),
+                );
+                false
+            }
+        }
+    }
+
+    async fn all(&mut self, record: &mut TaskRecord, leftovers: Leftovers) {
+        let died = record
+            .state
+            .is_active()
+            .then_some((record.supervisor_pid, record.state));
+        if died.is_some() && self.options.ending != Ending::Exited {
+            // While the lock is held here, this process is the task's supervisor. Saying so keeps
+            // `stop` and `attach` from signalling the dead supervisor's pid, which may belong to
+            // another process by now.
+            record.supervisor_pid = std::process::id();
+            if !self.save(record).await {
+                return;
+            }
+        }
+
+        let stopped = self.stop_running(record, &leftovers.containers).await;
+        let dirs = self.ws.task_dirs(&record.name, &record.worktree);
+        if !stopped {
+            if dirs.worktree.exists() {
+                let why = format!(
+                    "a container of task {} could not be stopped, so worktree {} stays as it is (it may still write to it)",
+                    self.task,
+                    dirs.worktree.display()
+                );
+                self.step(
+                    StepKind::RemoveWorktree,
+                    dirs.worktree.display().to_string(),
+                    Err(why),
+                );
+            }
+            return;
+        }
+        // Nothing of the task runs any more: its containers and network are removed while its
+        // work is imported and committed.
+        let removal = removal(
+            self.runtime,
+            &leftovers,
+            self.options.keep,
+            self.options.dry_run,
+        );
+        let keep_work = self.keep_work(record, &dirs);
+        let (removed, mut all_ok) = tokio::join!(removal, keep_work);
+        for (action, target, result) in removed {
+            all_ok &= self.step(action, target, result);
+        }
+
+        // A port is free again only once no container of the task can listen on it (a kept
+        // container is stopped).
+        if self.options.release_ports {
+            all_ok &= self.release_ports().await;
+        }
+        if all_ok {
+            self.mark(record, died).await;
+        }
+    }
+
+    /// Stops the task's containers that still run, and learns how the task's command ended when it
+    /// ended while nobody waited for it. Returns whether none runs any more.
+    async fn stop_running(&mut self, record: &TaskRecord, containers: &[FoundContainer]) -> bool {
+        let dry_run = self.options.dry_run;
+        let mut all_stopped = true;
+        for container in containers {
+            if container.running {
+                let result = if dry_run {
+                    Ok(None)
+                } else {
+                    self.runtime
+                        .stop(&container.id, self.options.stop_timeout)
+                        .await
+                        .map(|()| None)
+                        .map_err(|e| e.to_string())
+                };
+                all_stopped &= self.step(StepKind::StopContainer, &container.name, result);
+            } else if !dry_run
+                && record.exit_code.is_none()
+                && (record.container_name == container.name
+                    || record.container_id.as_deref() == Some(&container.id))
+            {
+                // The command ended while nobody waited for it: its exit is the task's result. A
+                // failure to read it loses only that number.
+                self.out.exit = self
+                    .runtime
+                    .exit_if_ended(&container.id)
+                    .await
+                    .ok()
+                    .flatten();
+            }
+        }
+        all_stopped
+    }
+
+    /// Imports the task's commits, commits what the worktree holds uncommitted, and removes the
+    /// worktree and the git dirs unless something there must be kept. Returns whether all went
+    /// well.
+    async fn keep_work(&mut self, record: &mut TaskRecord, dirs: &TaskDirs) -> bool {
+        let mut all_ok = true;
+        // A refused import keeps the task's git dir (and the worktree) for the user to look at;
+        // it is reported, but the teardown goes on to keep the worktree's files safe.
+        let imported = self.import(dirs).await;
+        let mut keep_dirs = self.options.keep || (!imported && !self.options.discard_unsaved);
+        if record.state.can_snapshot() && !self.options.keep {
+            all_ok &= self.snapshot(record, dirs).await;
+            if !self.out.left_out.is_empty() && !self.options.discard_unsaved {
+                keep_dirs = true;
+            }
+        }
+        let exists = dirs.worktree.exists() || dirs.git_dir.exists() || dirs.scratch.exists();
+        if !keep_dirs && all_ok && exists {
+            all_ok &= self.remove(record, dirs).await;
+        } else if keep_dirs && dirs.worktree.exists() {
+            self.out.kept_worktree = Some(dirs.worktree.clone());
+        }
+        all_ok
+    }
+
+    /// Brings the task's branch into the repository. Returns whether that worked (or there was no
+    /// git dir to import from).
+    async fn import(&mut self, dirs: &TaskDirs) -> bool {
+        if !dirs.git_dir.exists() {
+            return true;
+        }
+        if self.options.dry_run {
+            let pending = dirs.read_task_tip().ok().flatten().is_some_and(|tip| {
+                self.ws.repo.branch_tip(&dirs.branch).ok().flatten() != Some(tip)
+            });
+            if pending {
+                self.step(StepKind::ImportBranch, &dirs.branch, Ok(None));
+            }
+            return true;
+        }
+        let imported = async {
+            let branch = import::import(&self.ws.repo, dirs, self.task.as_str()).await?;
+            let rest = import::import_the_rest(&self.ws.repo, dirs, self.task.as_str()).await?;
+            Ok::<_, GitError>((branch, rest))
+        };
+        match imported.await {
+            Ok((Imported::Unchanged, rest)) if rest.is_empty() => true,
+            Ok((imported, rest)) => {
+                self.out.import = Some(imported);
+                self.out.kept_refs = rest;
+                self.step(StepKind::ImportBranch, &dirs.branch, Ok(None))
+            }
+            Err(e) => {
+                let why = if self.options.discard_unsaved {
+                    format!(
+                        "{e}; the commits the task made since the last import are discarded with {}",
+                        dirs.git_dir.display()
+                    )
+                } else {
+                    format!(
+                        "{e}; the commits the task made since the last import stay in {} and its worktree stays at {}",
+                        dirs.git_dir.display(),
+                        dirs.worktree.display()
+                    )
+                };
+                self.notice(StepKind::ImportBranch, &dirs.branch, why);
+                false
+            }
+        }
+    }
+
+    /// Commits what the worktree holds uncommitted. Returns whether that worked (or there was no
+    /// worktree, or no finished checkout, to commit from).
+    async fn snapshot(&mut self, record: &TaskRecord, dirs: &TaskDirs) -> bool {
+        if !dirs.worktree.is_dir() || dirs.start_commit().is_none() || self.options.dry_run {
+            return true;
+        }
+        let ended = match (record.exit_code, self.out.exit) {
+            (Some(code), _) | (None, Some(Exit { code, .. })) => format!("exited {code}"),
+            (None, None) => "ended".to_owned(),
+        };
+        let body = match self.options.ending {
+            Ending::Exited => format!(
+                "Task {} {ended} and left these changes uncommitted; agentbox committed them so that nothing it wrote is lost.",
+                self.task
+            ),
+            _ => format!(
+                "The supervisor of task {} died and left these changes uncommitted; {} committed them so that nothing the task wrote is lost.",
+                self.task, self.options.by
+            ),
+        };
+        let staging = Staging {
+            own_files: &record.own_files,
+            max_file_size: self.options.max_file_size,
+        };
+        match snapshot::snapshot(
+            &self.ws.repo,
+            dirs,
+            self.task.as_str(),
+            &body,
+            &self.options.identity,
+            &staging,
+        )
+        .await
+        {
+            Ok(snapshot) => {
+                self.out.snapshot_commit = snapshot.commit;
+                self.out.left_out = snapshot.left_out;
+                true
+            }
+            Err(e) => {
+                let why = format!(
+                    "cannot commit the uncommitted work in worktree {} of task {}: {e}; the worktree stays",
+                    dirs.worktree.display(),
+                    self.task
+                );
+                self.step(
+                    StepKind::RemoveWorktree,
+                    dirs.worktree.display().to_string(),
+                    Err(why),
+                );
+                false
+            }
+        }
+    }
+
+    /// Marks the record `removing-worktree`, then removes the worktree and the git dirs.
+    async fn remove(&mut self, record: &mut TaskRecord, dirs: &TaskDirs) -> bool {
+        let target = dirs.worktree.display().to_string();
+        if self.options.dry_run {
+            return self.step(StepKind::RemoveWorktree, target, Ok(None));
+        }
+        let snapshot = self.out.snapshot_commit.clone();
+        if record.state.is_active() {
+            record.state = TaskState::RemovingWorktree;
+        }
+        record.snapshot_commit = snapshot.clone().or(record.snapshot_commit.take());
+        if !self.save(record).await {
+            return false;
+        }
+        let owned = dirs.clone();
+        let removed = tokio::task::spawn_blocking(move || owned.remove())
+            .await
+            .expect("removing a directory does not panic");
+        let result = removed
+            .map(|()| snapshot.clone())
+            .map_err(|e: GitError| match &snapshot {
+                Some(commit) => format!("{e} (its work is safe in commit {commit})"),
+                None => e.to_string(),
+            });
+        self.step(StepKind::RemoveWorktree, target, result)
+    }
+
+    async fn release_ports(&mut self) -> bool {
+        let ledger = self.ws.ports.clone();
+        let owner = Owner {
+            repo_id: self.ws.repo_id.clone(),
+            task: self.task.to_string(),
+        };
+        let dry_run = self.options.dry_run;
+        let released = tokio::task::spawn_blocking(move || {
+            let held = ledger.held_by(&owner)?;
+            if !held.is_empty() && !dry_run {
+                ledger.release(&owner)?;
+            }
+            Ok::<_, crate::ports::PortError>(held)
+        })
+        .await
+        .expect("releasing ports does not panic");
+        match released {
+            Ok(held) if held.is_empty() => true,
+            Ok(held) => {
+                let target = held
+                    .iter()
+                    .map(|(name, port)| format!("{name}={port}"))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                self.step(StepKind::ReleasePorts, target, Ok(None))
+            }
+            Err(e) => self.step(StepKind::ReleasePorts, "", Err(e.to_string())),
+        }
+    }
+
+    /// Writes the record's final state.
+    async fn mark(&mut self, record: &mut TaskRecord, died: Option<(u32, TaskState)>) {
+        let kept = self.out.kept_worktree.is_some() || self.options.keep;
+        let new_state = match (self.options.ending, died) {
+            (Ending::RolledBack, _) => TaskState::Failed,
+            _ if kept => TaskState::Kept,
+            (Ending::Exited, _) => TaskState::Exited,
+            (Ending::Recovered, Some((_, TaskState::Creating))) => TaskState::Failed,
+            (Ending::Recovered, Some(_)) => TaskState::Recovered,
+            // Not active: an earlier teardown stopped half-way. The record keeps its state and
+            // learns where the work went.
+            (Ending::Recovered, None) => record.state,
+        };
+        let by = self.options.by;
+        if let Some((pid, state)) = died
+            && self.options.ending == Ending::Recovered
+        {
+            record.supervisor_pid = pid;
+            record.error = Some(if state == TaskState::Creating {
+                format!(
+                    "the supervisor (pid {pid}) died while creating the task; {by} rolled back what it had made (the branch stays)"
+                )
+            } else {
+                format!(
+                    "the supervisor (pid {pid}) died while the task was {}; {by} stopped what was left and kept its work on branch {}",
+                    state.as_str(),
+                    record.branch
+                )
+            });
+        }
+        if let Some(exit) = self.out.exit {
+            record.exit_code = record.exit_code.or(Some(exit.code));
+            record.oom_killed |= exit.oom_killed;
+        }
+        if self.out.snapshot_commit.is_some() {
+            record.snapshot_commit = self.out.snapshot_commit.clone();
+        }
+        record.left_out = self.out.left_out.clone();
+        if !self.out.notices.is_empty() {
+            record.error = Some(self.out.notices.join("; "));
+        }
+        let changed = new_state != record.state || died.is_some() || !self.out.steps.is_empty();
+        if !changed {
+            return;
+        }
+        record.state = new_state;
+        if died.is_some() || record.finished_at.is_none() {
+            record.finished_at = Some(SystemTime::now());
+        }
+        let result = if self.options.dry_run {
+            Ok(None)
+        } else {
+            self.ws
+                .state
+                .save(record)
+                .await
+                .map(|()| None)
+                .map_err(|e| e.to_string())
+        };
+        self.step(StepKind::MarkRecord, new_state.as_str(), result);
+    }
+}

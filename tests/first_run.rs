@@ -1,0 +1,119 @@
+//! The first ten minutes: what a new user meets — messages in agentbox's own words with the right
+//! exit codes, what a task that changed nothing leaves behind, and the warning about uncommitted
+//! changes a task will not see.
+
+mod common;
+
+use std::fs;
+
+use common::*;
+
+#[test]
+fn a_missing_or_unexecutable_command_is_said_in_agentboxs_words() {
+    let env = TestEnv::new("first-cmd");
+    let missing = env.output(["run", "nomake", "--", "make", "lint"]);
+    missing.expect_code(127);
+    missing.expect_stderr_contains(&format!(
+        "agentbox: command not found in image {IMAGE}: make"
+    ));
+    assert!(!missing.stderr.contains("tini"), "{missing}");
+
+    let not_executable = env.output(["run", "noexec", "--", "./noexec.sh"]);
+    not_executable.expect_code(126);
+    not_executable.expect_stderr_contains(&format!(
+        "agentbox: command cannot be executed in image {IMAGE}: ./noexec.sh"
+    ));
+}
+
+#[test]
+fn an_empty_repository_is_told_to_commit_first_and_nothing_is_left() {
+    let env = TestEnv::new("first-empty");
+    let empty = env.root.join("empty");
+    env.git_in(&env.root, ["init", "-q", "-b", "main", "empty"]);
+    let out = output_of(env.agentbox_in(&empty, ["run", "t", "--", "true"]));
+    out.expect_code(125);
+    out.expect_stderr_contains("has no commits yet; commit something first");
+    assert!(
+        !env.state_root().exists() || fs::read_dir(env.state_root()).unwrap().count() == 0,
+        "no state folder is left: {:?}",
+        env.state_files()
+    );
+}
+
+#[test]
+fn a_forgotten_double_dash_gets_a_hint() {
+    let env = TestEnv::new("first-dashes");
+    let out = env.output(["run", "t", "echo", "hi"]);
+    out.expect_code(125);
+    out.expect_stderr_contains("hint: a command for the task goes after `--`");
+    let global = env.output(["--repo", ".", "run", "t", "echo", "hi"]);
+    global.expect_code(125);
+}
+
+#[test]
+fn ports_of_a_task_without_ports_says_so() {
+    let env = TestEnv::new("first-ports");
+    env.output(["run", "t", "--keep-branch", "--", "true"])
+        .expect_code(0);
+    let out = env.output(["ports", "t"]);
+    out.expect_code(0);
+    out.expect_stderr_contains("task t has no ports");
+}
+
+#[test]
+fn a_task_that_changed_nothing_leaves_no_branch_unless_asked() {
+    let env = TestEnv::new("first-branch");
+    let out = env.output(["run", "idle", "--", "sh", "-c", "exit 3"]);
+    out.expect_code(3);
+    out.expect_stderr_contains("changed nothing, so its branch is gone again");
+    assert!(!env.branch_exists("agentbox/idle"));
+    assert!(
+        !env.root.join(".agentbox-worktrees").exists(),
+        "the empty worktree root goes with the last worktree"
+    );
+
+    env.output(["run", "kept", "--keep-branch", "--", "true"])
+        .expect_code(0);
+    assert!(env.branch_exists("agentbox/kept"));
+
+    env.output(["run", "worked", "--", "sh", "-c", "echo x > x.txt"])
+        .expect_code(0);
+    assert!(env.branch_exists("agentbox/worked"));
+
+    // A branch that existed before the run is never deleted by this rule.
+    env.output(["run", "worked", "--", "true"]).expect_code(0);
+    assert!(env.branch_exists("agentbox/worked"));
+}
+
+#[test]
+fn uncommitted_changes_of_the_checkout_are_pointed_out_or_refused() {
+    let env = TestEnv::new("first-dirty");
+    fs::write(env.repo.join("README.md"), "edited but not committed\n").unwrap();
+    let head = env.head();
+    let out = env.output(["run", "t", "--", "cat", "README.md"]);
+    out.expect_code(0);
+    out.expect_stderr_contains(&format!(
+        "agentbox: your checkout has uncommitted changes; task t starts from main ({}) without them",
+        &head[..7]
+    ));
+    assert_eq!(
+        out.stdout_lines(),
+        ["hello"],
+        "the task sees the committed file"
+    );
+
+    let explicit = env.output(["run", "t2", "--base", "main", "--", "true"]);
+    explicit.expect_code(0);
+    assert!(!explicit.stderr.contains("uncommitted"), "{explicit}");
+
+    env.git(["stash", "-q"]);
+    env.write_config("refuse_dirty_checkout = true\n");
+    env.git(["stash", "pop", "-q"]);
+    let refused = env.output(["run", "t3", "--", "true"]);
+    refused.expect_code(125);
+    refused.expect_stderr_contains("your checkout has uncommitted changes");
+    refused.expect_stderr_contains("hint: commit or stash them first");
+    assert!(!env.branch_exists("agentbox/t3"));
+    assert!(env.ls_task("t3").is_none());
+    assert!(!env.worktree_path("t3").exists());
+}
