@@ -182,6 +182,38 @@ pub enum Output {
 
 pub type OutputStream = BoxStream<'static, Result<Output, RuntimeError>>;
 
+/// A command to run in a container that runs (`docker exec`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecSpec {
+    pub command: Vec<String>,
+    /// `KEY=VALUE`, on top of the container's environment.
+    pub env: Vec<String>,
+    /// `None`: the container's working directory.
+    pub working_dir: Option<String>,
+    /// `None`: the container's user.
+    pub user: Option<String>,
+    /// Allocate a pseudo-terminal (output then comes as one stream, on stdout).
+    pub tty: bool,
+    /// Keep stdin open, for [`Execution::input`].
+    pub stdin: bool,
+}
+
+/// A command running in a container.
+pub struct Execution {
+    /// For [`Runtime::exec_exit`] and [`Runtime::resize_exec`].
+    pub id: String,
+    /// Its output until it ends.
+    pub output: OutputStream,
+    /// Its stdin, when [`ExecSpec::stdin`] asked for it.
+    pub input: Option<std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>>,
+}
+
+impl std::fmt::Debug for Execution {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Execution").field("id", &self.id).finish()
+    }
+}
+
 /// How a container's command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exit {
@@ -250,6 +282,15 @@ pub trait Runtime: Send + Sync {
     /// How the container's command ended; `None` while it runs, when it never started, or when the
     /// container is gone.
     async fn exit_if_ended(&self, container: &str) -> Result<Option<Exit>, RuntimeError>;
+
+    /// Starts a command in a running container, attached to its output (and stdin, if asked).
+    async fn exec(&self, container: &str, spec: &ExecSpec) -> Result<Execution, StartError>;
+
+    /// The exit code of an execution whose output has ended.
+    async fn exec_exit(&self, execution: &str) -> Result<i64, RuntimeError>;
+
+    /// Tells an execution with a terminal its new size.
+    async fn resize_exec(&self, execution: &str, rows: u16, cols: u16) -> Result<(), RuntimeError>;
 
     /// Removes whatever exists of a sandbox: its containers at once, then its network. Returns what
     /// could not be removed.

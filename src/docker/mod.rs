@@ -16,8 +16,9 @@ use bollard::query_parameters::{
 use futures::{StreamExt, TryStreamExt};
 
 use crate::runtime::{
-    Exit, FoundContainer, FoundNetwork, ImageDefaults, NetworkSpec, OutputStream, REPO_LABEL,
-    Runtime, RuntimeError, SHARED_LABEL, Sandbox, SandboxPlan, StartError, wrap_with_setup,
+    ExecSpec, Execution, Exit, FoundContainer, FoundNetwork, ImageDefaults, NetworkSpec,
+    OutputStream, REPO_LABEL, Runtime, RuntimeError, SHARED_LABEL, Sandbox, SandboxPlan,
+    StartError, wrap_with_setup,
 };
 
 /// The engine address used when the caller names none (`DOCKER_HOST` unset).
@@ -463,6 +464,43 @@ impl Runtime for DockerEngine {
             .collect())
     }
 
+    async fn exec(&self, container: &str, spec: &ExecSpec) -> Result<Execution, StartError> {
+        self.exec_in(container, spec).await
+    }
+
+    async fn exec_exit(&self, execution: &str) -> Result<i64, RuntimeError> {
+        // The output ends when the command does; the engine may take a moment to say so.
+        let mut delay = Duration::from_millis(5);
+        for _ in 0..40 {
+            let inspect = self
+                .docker
+                .inspect_exec(execution)
+                .await
+                .map_err(api("inspecting command", execution))?;
+            if inspect.running != Some(true) {
+                return Ok(inspect.exit_code.unwrap_or(-1));
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(200));
+        }
+        Err(RuntimeError::Api {
+            action: "inspecting command",
+            target: execution.to_owned(),
+            source: "it still runs after its output ended".into(),
+        })
+    }
+
+    async fn resize_exec(&self, execution: &str, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+        let options = bollard::exec::ResizeExecOptions {
+            height: rows,
+            width: cols,
+        };
+        self.docker
+            .resize_exec(execution, options)
+            .await
+            .map_err(api("resizing the terminal of command", execution))
+    }
+
     async fn exit_if_ended(&self, container: &str) -> Result<Option<Exit>, RuntimeError> {
         let inspect = match self.docker.inspect_container(container, None).await {
             Ok(inspect) => inspect,
@@ -477,6 +515,47 @@ impl Runtime for DockerEngine {
             }),
             _ => None,
         })
+    }
+}
+
+impl DockerEngine {
+    async fn exec_in(&self, container: &str, spec: &ExecSpec) -> Result<Execution, StartError> {
+        let options = bollard::exec::CreateExecOptions {
+            attach_stdin: Some(spec.stdin),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(spec.tty),
+            env: Some(spec.env.clone()),
+            cmd: Some(spec.command.clone()),
+            user: spec.user.clone(),
+            working_dir: spec.working_dir.clone(),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_exec(container, options)
+            .await
+            .map_err(api("starting a command in container", container))?;
+        let start = bollard::exec::StartExecOptions {
+            detach: false,
+            tty: spec.tty,
+            output_capacity: None,
+        };
+        match self.docker.start_exec(&created.id, Some(start)).await {
+            Ok(bollard::exec::StartExecResults::Attached { output, input }) => Ok(Execution {
+                id: created.id,
+                output: containers::output_stream(output, container.to_owned()),
+                input: spec.stdin.then_some(input),
+            }),
+            Ok(bollard::exec::StartExecResults::Detached) => {
+                Err(StartError::Runtime(RuntimeError::Api {
+                    action: "starting a command in container",
+                    target: container.to_owned(),
+                    source: "the engine detached the command".into(),
+                }))
+            }
+            Err(e) => Err(api("starting a command in container", container)(e).into()),
+        }
     }
 }
 

@@ -236,6 +236,37 @@ impl Runtime for FakeRuntime {
             .collect())
     }
 
+    async fn exec(
+        &self,
+        container: &str,
+        spec: &super::ExecSpec,
+    ) -> Result<super::Execution, StartError> {
+        self.call("exec", &format!("{container} {}", spec.command.join(" ")))?;
+        let command = self.state.lock().unwrap().command.clone();
+        if let Some(command) = command {
+            command(container);
+        }
+        Ok(super::Execution {
+            id: format!("exec-{container}"),
+            output: Box::pin(futures::stream::empty()),
+            input: None,
+        })
+    }
+
+    async fn exec_exit(&self, execution: &str) -> Result<i64, RuntimeError> {
+        self.call("exec_exit", execution)?;
+        Ok(self.state.lock().unwrap().exit.map_or(0, |e| e.code))
+    }
+
+    async fn resize_exec(
+        &self,
+        execution: &str,
+        _rows: u16,
+        _cols: u16,
+    ) -> Result<(), RuntimeError> {
+        self.call("resize_exec", execution)
+    }
+
     async fn exit_if_ended(&self, container: &str) -> Result<Option<Exit>, RuntimeError> {
         let state = self.state.lock().unwrap();
         let ended = state.containers.get(container).is_some_and(|c| !c.2);
