@@ -260,6 +260,9 @@ pub fn exit_code(results: &[TaskResult]) -> i64 {
         .unwrap_or(0)
 }
 
+/// Deletes (or starts deleting) what a task's teardown moved aside: the trash manifest's path.
+pub type Purger = Arc<dyn Fn(&Path) + Send + Sync>;
+
 /// Runs every request, at most `parallel` at once, each on a task of its own (so one task's slow
 /// step never holds up another's), and returns their results in the order given. Events stream to
 /// `events` as they happen; a stop request stops the running tasks (each is torn down, its work
@@ -271,16 +274,18 @@ pub async fn run(
     parallel: usize,
     events: mpsc::Sender<Timed>,
     stop: watch::Receiver<StopLevel>,
+    purge: Option<Purger>,
 ) -> Vec<TaskResult> {
     let slots = Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
     let mut running = tokio::task::JoinSet::new();
     for (position, request) in requests.into_iter().enumerate() {
-        let (ws, runtime, events, stop, slots) = (
+        let (ws, runtime, events, stop, slots, purge) = (
             ws.clone(),
             Arc::clone(&runtime),
             events.clone(),
             stop.clone(),
             Arc::clone(&slots),
+            purge.clone(),
         );
         // Slots are handed out in file order: a task starts only after every task before it.
         let slot = slots
@@ -291,7 +296,7 @@ pub async fn run(
             let _slot = slot;
             (
                 position,
-                run_one(&ws, &*runtime, request, events, stop).await,
+                run_one(&ws, &*runtime, request, events, stop, purge).await,
             )
         });
     }
@@ -315,6 +320,7 @@ async fn run_one(
     request: RunRequest,
     events: mpsc::Sender<Timed>,
     stop: watch::Receiver<StopLevel>,
+    purge: Option<Purger>,
 ) -> TaskResult {
     let task = request.task.to_string();
     let branch = request.task.branch();
@@ -347,7 +353,12 @@ async fn run_one(
             let outcome = supervisor::run(ws, runtime, request, run_events, stop.clone()).await;
             let started = forward.await.unwrap_or(false);
             match outcome {
-                Ok(outcome) => from_outcome(&task, outcome, started),
+                Ok(outcome) => {
+                    if let (Some(purge), Some(trash)) = (&purge, &outcome.summary.trash) {
+                        purge(trash);
+                    }
+                    from_outcome(&task, outcome, started)
+                }
                 Err(supervisor::RunError::InterruptedBeforeStart { signal, .. }) => result(
                     i64::from(signal.exit_code()),
                     false,

@@ -22,6 +22,7 @@ pub mod state;
 pub mod supervisor;
 pub mod task;
 pub mod teardown;
+pub mod trash;
 pub mod workspace;
 
 pub use supervisor::{RunEvent, RunOutcome, RunRequest, StopLevel};

@@ -272,6 +272,10 @@ pub trait Runtime: Send + Sync {
     /// Removes a network; one that is gone is not an error.
     async fn remove_network(&self, network: &str) -> Result<(), RuntimeError>;
 
+    /// Gives a container another name (a finished task's, so the next run can take its name at
+    /// once while the old container is removed in the background).
+    async fn rename_container(&self, container: &str, name: &str) -> Result<(), RuntimeError>;
+
     /// Containers (running or not) carrying every one of `labels` (`key=value`).
     async fn find_containers(&self, labels: &[String])
     -> Result<Vec<FoundContainer>, RuntimeError>;

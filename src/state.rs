@@ -122,6 +122,12 @@ impl StateDir {
         self.root.join("git")
     }
 
+    /// Where a finished task's directories wait for their deletion, with the manifests listing them
+    /// (see [`crate::trash`]).
+    pub fn trash_dir(&self) -> PathBuf {
+        self.root.join("trash")
+    }
+
     /// agentbox's scratch git dir for the task; never mounted anywhere.
     pub fn scratch_dir(&self, name: &TaskName) -> PathBuf {
         self.root.join("scratch").join(name.as_str())

@@ -152,6 +152,10 @@ pub struct Options {
     /// Remove the worktree and the task's git dir even when files were too large for the snapshot
     /// or the import refused the git dir (`agentbox rm`: the user has seen the message and decided).
     pub discard_unsaved: bool,
+    /// Leave the deletion of the worktree and the git dirs to [`crate::trash::purge`]: they are
+    /// renamed out of the way and listed in a manifest ([`Report::trash`]), and the teardown
+    /// returns as soon as the work is safe, however many files they hold.
+    pub defer_deletion: bool,
 }
 
 /// What a teardown did.
@@ -172,7 +176,11 @@ pub struct Report {
     pub problems: Vec<String>,
     /// What went wrong without stopping the teardown (an import refused: its git dir is kept).
     pub notices: Vec<String>,
+    /// With [`Options::defer_deletion`]: the manifest of what is left to delete.
+    pub trash: Option<PathBuf>,
 }
+
+type StepResult = (StepKind, String, Result<Option<String>, String>);
 
 /// Removes the task's containers (or, keeping, leaves them stopped) and then its network; returns
 /// the steps for the caller to report.
@@ -181,7 +189,7 @@ async fn removal(
     leftovers: &Leftovers,
     keep: bool,
     dry_run: bool,
-) -> Vec<(StepKind, String, Result<Option<String>, String>)> {
+) -> Vec<StepResult> {
     let mut steps = Vec::new();
     if keep {
         return steps;
@@ -236,6 +244,7 @@ pub async fn tear_down(
         report,
         out: Report::default(),
         task: record.name.clone(),
+        deferred: crate::trash::Manifest::default(),
     };
     run.all(record, leftovers).await;
     run.out
@@ -248,6 +257,8 @@ struct Run<'a> {
     report: &'a mut (dyn FnMut(&Step) + Send),
     out: Report,
     task: TaskName,
+    /// Directories moved aside for the purge.
+    deferred: crate::trash::Manifest,
 }
 
 impl Run<'_> {
@@ -355,6 +366,14 @@ impl Run<'_> {
         let (removed, mut all_ok) = tokio::join!(removal, keep_work);
         for (action, target, result) in removed {
             all_ok &= self.step(action, target, result);
+        }
+        let mut manifest = std::mem::take(&mut self.deferred);
+        manifest.task = self.task.to_string();
+        if !manifest.is_empty() {
+            match crate::trash::write_manifest(&self.ws.state, &manifest) {
+                Ok(path) => self.out.trash = Some(path),
+                Err(e) => all_ok &= self.step(StepKind::RemoveWorktree, "", Err(e.to_string())),
+            }
         }
 
         // A port is free again only once no container of the task can listen on it (a kept
@@ -541,16 +560,33 @@ impl Run<'_> {
         if !self.save(record).await {
             return false;
         }
-        let owned = dirs.clone();
-        let removed = tokio::task::spawn_blocking(move || owned.remove())
-            .await
-            .expect("removing a directory does not panic");
-        let result = removed
-            .map(|()| snapshot.clone())
-            .map_err(|e: GitError| match &snapshot {
+        let (owned, state, defer) = (
+            dirs.clone(),
+            self.ws.state.clone(),
+            self.options.defer_deletion,
+        );
+        let removed = tokio::task::spawn_blocking(move || {
+            if defer {
+                crate::trash::move_aside(&owned, &state).map_err(|e| e.to_string())
+            } else {
+                owned
+                    .remove()
+                    .map(|()| Vec::new())
+                    .map_err(|e| e.to_string())
+            }
+        })
+        .await
+        .expect("removing a directory does not panic");
+        let result = match removed {
+            Ok(moved) => {
+                self.deferred.paths.extend(moved);
+                Ok(snapshot.clone())
+            }
+            Err(e) => Err(match &snapshot {
                 Some(commit) => format!("{e} (its work is safe in commit {commit})"),
-                None => e.to_string(),
-            });
+                None => e,
+            }),
+        };
         self.step(StepKind::RemoveWorktree, target, result)
     }
 

@@ -67,8 +67,16 @@ fn a_task_that_changed_nothing_leaves_no_branch_unless_asked() {
     out.expect_code(3);
     out.expect_stderr_contains("changed nothing, so its branch is gone again");
     assert!(!env.branch_exists("agentbox/idle"));
+    // The worktree is moved aside at once and deleted in the background; the empty worktree root
+    // goes with it.
+    assert!(!env.worktree_path("idle").exists());
+    let root = env.root.join(".agentbox-worktrees");
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while root.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert!(
-        !env.root.join(".agentbox-worktrees").exists(),
+        !root.exists(),
         "the empty worktree root goes with the last worktree"
     );
 
@@ -116,4 +124,43 @@ fn uncommitted_changes_of_the_checkout_are_pointed_out_or_refused() {
     assert!(!env.branch_exists("agentbox/t3"));
     assert!(env.ls_task("t3").is_none());
     assert!(!env.worktree_path("t3").exists());
+}
+
+#[test]
+fn ignored_files_go_in_the_background_and_gc_finishes_a_cut_short_deletion() {
+    let env = TestEnv::new("first-trash");
+    let script = "mkdir -p node_modules && cd node_modules && \
+                  for d in $(seq 1 50); do mkdir p$d && (cd p$d && touch $(seq 1 200)); done && \
+                  cd .. && echo '/node_modules/' >> .gitignore && echo kept > kept.txt";
+    env.output(["run", "deps", "--", "sh", "-c", script])
+        .expect_code(0);
+    env.assert_snapshot_holds("deps", "kept.txt", "kept\n");
+    assert_eq!(
+        env.file_at("agentbox/deps", "node_modules/p1/1"),
+        None,
+        "ignored files are not committed"
+    );
+    assert!(!env.worktree_path("deps").exists(), "moved aside at once");
+
+    // A deletion cut short (its manifest left, the directory still there) is finished by gc.
+    let trash = env.state_root().join(env.repo_id()).join("trash");
+    fs::create_dir_all(&trash).unwrap();
+    let leftover = env.root.join("left-over-dir");
+    fs::create_dir_all(leftover.join("a/b")).unwrap();
+    fs::write(leftover.join("a/b/c"), "x").unwrap();
+    let manifest = trash.join("cut-short.json");
+    fs::write(
+        &manifest,
+        serde_json::json!({
+            "task": "cut-short",
+            "containers": [],
+            "networks": [],
+            "paths": [leftover],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    env.output(["gc"]).expect_code(0);
+    assert!(!leftover.exists(), "gc finished the deletion");
+    assert!(!manifest.exists());
 }

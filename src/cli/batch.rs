@@ -69,6 +69,8 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
                 user: Some(default_user()),
                 stop_timeout: Duration::from_secs(args.stop_timeout),
                 keep_branch: args.keep_branch,
+                // Each teardown returns once the work is safe; directories go in the background.
+                defer_deletion: true,
                 ..base
             };
             if request.limits.memory_bytes.is_none() {
@@ -99,7 +101,17 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
             stdout_terminal,
         ))
     };
-    let results = batch::run(&ws, runtime, requests, parallel, events_tx, stop_rx).await;
+    let purger: batch::Purger = std::sync::Arc::new(super::purge::in_background);
+    let results = batch::run(
+        &ws,
+        runtime,
+        requests,
+        parallel,
+        events_tx,
+        stop_rx,
+        Some(purger),
+    )
+    .await;
     let _ = renderer.await;
     signals.abort();
 

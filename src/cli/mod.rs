@@ -11,6 +11,7 @@ mod image;
 mod logs;
 mod ls;
 mod ports;
+mod purge;
 mod rm;
 mod run;
 mod signals;
@@ -63,6 +64,8 @@ enum Command {
     Attach(attach::Args),
     Gc(gc::Args),
     Image(image::Args),
+    #[command(hide = true)]
+    Purge(purge::Args),
 }
 
 /// What the CLI takes from its process environment, read once here so the library never does.
@@ -215,6 +218,7 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
         Command::Attach(args) => attach::attach(&context, args).await,
         Command::Gc(args) => gc::gc(&context, args).await,
         Command::Image(args) => image::image(args).await,
+        Command::Purge(args) => purge::purge(&context, args).await,
     }
 }
 

@@ -203,6 +203,8 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         ..from_config
     };
     args.limits.apply(&mut request, context.env.total_memory)?;
+    // The teardown returns once the work is safe; the directories go in the background.
+    request.defer_deletion = true;
     let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);
     let signals = tokio::spawn(forward_signals(stop_tx));
     let (events_tx, events_rx) = mpsc::channel(256);
@@ -215,6 +217,11 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
     let result = supervisor::run(&ws, &*runtime, request, events_tx, stop_rx).await;
     let _ = printer.await;
     signals.abort();
+    if let Ok(outcome) = &result
+        && let Some(trash) = &outcome.summary.trash
+    {
+        super::purge::in_background(trash);
+    }
     match result {
         Ok(outcome) => Ok(report(&outcome)),
         Err(supervisor::RunError::InterruptedBeforeStart { signal, task }) => {

@@ -406,6 +406,16 @@ impl Runtime for DockerEngine {
         }
     }
 
+    async fn rename_container(&self, container: &str, name: &str) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::RenameContainerOptions {
+            name: name.to_owned(),
+        };
+        self.docker
+            .rename_container(container, options)
+            .await
+            .map_err(api("renaming container", container))
+    }
+
     async fn remove_network(&self, network: &str) -> Result<(), RuntimeError> {
         match self.docker.remove_network(network).await {
             Ok(()) => Ok(()),

@@ -9,7 +9,7 @@
 //! *left out*, and the caller keeps the worktree so that nothing is lost.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -188,16 +188,7 @@ async fn stage(
         git.run(&["read-tree", "--reset", &tip_hex]).await?;
     }
 
-    let (worktree, index_path, limit) = (
-        dirs.worktree.clone(),
-        index.to_owned(),
-        staging.max_file_size,
-    );
-    let candidates =
-        tokio::task::spawn_blocking(move || changed_large_files(&worktree, &index_path, limit))
-            .await
-            .expect("walking the worktree does not panic")?;
-    let left_out = not_ignored(git, candidates).await?;
+    let left_out = large_changes(git, &dirs.worktree, staging.max_file_size).await?;
 
     let excludes: Vec<String> = left_out
         .iter()
@@ -225,54 +216,39 @@ async fn stage(
     Ok((tip, tree, left_out))
 }
 
-/// Regular files over `limit` bytes in the worktree that differ from their index entry (or have
-/// none). Nothing is followed and nothing is read: sizes and times come from `lstat`.
-fn changed_large_files(
-    worktree: &Path,
-    index: &Path,
-    limit: u64,
-) -> Result<Vec<(String, u64, bool)>, GitError> {
-    let mut large = Vec::new();
-    let mut pending: Vec<PathBuf> = vec![PathBuf::new()];
-    while let Some(relative) = pending.pop() {
-        let dir = worktree.join(&relative);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            if name == ".git" {
-                continue;
-            }
-            let Ok(meta) = entry.metadata() else {
-                continue;
-            };
-            let path = relative.join(&name);
-            if meta.is_dir() {
-                pending.push(path);
-            } else if meta.is_file() && meta.len() > limit {
-                large.push((path, meta));
-            }
-        }
-    }
-    if large.is_empty() {
-        return Ok(Vec::new());
-    }
-    let entries = index_stats(index)?;
-    Ok(large
-        .into_iter()
-        .filter_map(|(path, meta)| {
-            use std::os::unix::fs::MetadataExt;
-            let path = path.to_string_lossy().into_owned();
-            let tracked = entries.get(&path);
-            let unchanged = tracked.is_some_and(|&(size, secs, nsecs)| {
-                size == meta.len() as u32
-                    && secs == meta.mtime() as u32
-                    && nsecs == meta.mtime_nsec() as u32
-            });
-            (!unchanged).then_some((path, meta.len(), tracked.is_some()))
-        })
-        .collect())
+/// The files `git add -A` would take that are larger than `limit`: untracked ones git does not
+/// ignore, and tracked ones whose stat changed. git lists them (without descending into ignored
+/// directories, so 50,000 files under `node_modules/` cost nothing); their sizes come from `lstat`,
+/// and none is read.
+async fn large_changes(git: &Git, worktree: &Path, limit: u64) -> Result<Vec<LeftOut>, GitError> {
+    let (others, modified) = tokio::join!(
+        git.run(&["ls-files", "-z", "--others", "--exclude-standard"]),
+        git.run(&["diff-files", "-z", "--name-only"])
+    );
+    let (others, modified) = (others?, modified?);
+    let worktree = worktree.to_owned();
+    let left_out = tokio::task::spawn_blocking(move || {
+        let mut left_out: Vec<LeftOut> = others
+            .stdout
+            .split(|&b| b == 0)
+            .chain(modified.stdout.split(|&b| b == 0))
+            .filter(|p| !p.is_empty())
+            .filter_map(|p| {
+                let path = String::from_utf8_lossy(p).into_owned();
+                let meta = std::fs::symlink_metadata(worktree.join(&path)).ok()?;
+                (meta.is_file() && meta.len() > limit).then_some(LeftOut {
+                    path,
+                    size: meta.len(),
+                })
+            })
+            .collect();
+        left_out.sort_by(|a, b| a.path.cmp(&b.path));
+        left_out.dedup();
+        left_out
+    })
+    .await
+    .expect("looking at file sizes does not panic");
+    Ok(left_out)
 }
 
 /// Path -> (size, mtime seconds, mtime nanoseconds) of every entry of an index agentbox wrote.
@@ -297,43 +273,4 @@ fn index_stats(index: &Path) -> Result<HashMap<String, (u32, u32, u32)>, GitErro
             (path, (stat.size, stat.mtime.secs, stat.mtime.nsecs))
         })
         .collect())
-}
-
-/// The large files that `git add -A` would take: tracked ones, and untracked ones not ignored.
-async fn not_ignored(
-    git: &Git,
-    candidates: Vec<(String, u64, bool)>,
-) -> Result<Vec<LeftOut>, GitError> {
-    let untracked: Vec<&str> = candidates
-        .iter()
-        .filter(|(_, _, tracked)| !tracked)
-        .map(|(path, _, _)| path.as_str())
-        .collect();
-    let ignored: Vec<String> = if untracked.is_empty() {
-        Vec::new()
-    } else {
-        let mut input = untracked.join("\0").into_bytes();
-        input.push(0);
-        // Exit code 1 means "none ignored".
-        match git
-            .run_with_input(&["check-ignore", "-z", "--stdin"], Some(&input))
-            .await
-        {
-            Ok(out) => out
-                .stdout
-                .split(|&b| b == 0)
-                .filter(|p| !p.is_empty())
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .collect(),
-            Err(GitError::Command { stderr, .. }) if stderr.is_empty() => Vec::new(),
-            Err(e) => return Err(e),
-        }
-    };
-    let mut left_out: Vec<LeftOut> = candidates
-        .into_iter()
-        .filter(|(path, _, tracked)| *tracked || !ignored.contains(path))
-        .map(|(path, size, _)| LeftOut { path, size })
-        .collect();
-    left_out.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(left_out)
 }

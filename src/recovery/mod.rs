@@ -112,6 +112,12 @@ pub async fn reconcile(
         .into_iter()
         .map(|r| (r.name.clone(), r))
         .collect();
+    // Deletions a background purge did not finish.
+    if !options.dry_run {
+        for manifest in crate::trash::manifests(&ws.state) {
+            let _ = crate::trash::purge(runtime, &manifest).await;
+        }
+    }
     let labelled = labelled_tasks(ws, runtime).await?;
     let with_dirs = tasks_with_git_dirs(ws);
     let tasks: BTreeSet<&TaskName> = records
@@ -159,6 +165,7 @@ pub async fn reconcile(
             identity: ws.repo.identity().unwrap_or_else(Identity::fallback),
             ending: Ending::Recovered,
             discard_unsaved: false,
+            defer_deletion: false,
         };
         let mut count = |step: &Step| {
             summary.steps += 1;
@@ -271,6 +278,7 @@ async fn recover_one(
         identity: ws.repo.identity().unwrap_or_else(Identity::fallback),
         ending: Ending::Recovered,
         discard_unsaved: how.discard_unsaved,
+        defer_deletion: false,
     };
     let report = teardown::tear_down(
         ws,

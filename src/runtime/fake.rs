@@ -194,6 +194,14 @@ impl Runtime for FakeRuntime {
         Ok(())
     }
 
+    async fn rename_container(&self, container: &str, name: &str) -> Result<(), RuntimeError> {
+        self.call("rename_container", container)?;
+        if let Some(entry) = self.state.lock().unwrap().containers.get_mut(container) {
+            entry.0 = name.to_owned();
+        }
+        Ok(())
+    }
+
     async fn remove_network(&self, network: &str) -> Result<(), RuntimeError> {
         self.call("remove_network", network)?;
         let mut state = self.state.lock().unwrap();

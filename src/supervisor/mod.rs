@@ -540,6 +540,7 @@ impl Supervised<'_> {
             identity: self.identity.clone(),
             ending: Ending::Exited,
             discard_unsaved: false,
+            defer_deletion: self.request.defer_deletion,
         };
         let report = teardown::tear_down(
             self.ws,
@@ -590,6 +591,7 @@ impl Supervised<'_> {
                 problems,
                 memory_limit: self.request.limits.memory_bytes,
                 branch_deleted,
+                trash: report.trash,
             },
         })
     }

@@ -76,6 +76,10 @@ pub struct RunRequest {
     pub max_snapshot_file: u64,
     /// Processes checking out the worktree at once.
     pub checkout_workers: usize,
+    /// Return as soon as the work is safe, leaving the deletion of the stopped containers and the
+    /// directories to a purge (see [`crate::trash`]; the caller starts it from
+    /// [`RunSummary::trash`]).
+    pub defer_deletion: bool,
 }
 
 impl RunRequest {
@@ -110,6 +114,7 @@ impl RunRequest {
             log_max: DEFAULT_LOG_MAX,
             max_snapshot_file: DEFAULT_MAX_SNAPSHOT_FILE,
             checkout_workers: 4,
+            defer_deletion: false,
         }
     }
 
@@ -250,6 +255,8 @@ pub struct RunSummary {
     pub memory_limit: Option<u64>,
     /// The task changed nothing, so the branch this run made for it was deleted again.
     pub branch_deleted: bool,
+    /// What is left to delete, for [`crate::trash::purge`].
+    pub trash: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

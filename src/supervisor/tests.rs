@@ -303,6 +303,7 @@ fn teardown_options(ending: Ending) -> teardown::Options {
         identity: Identity::fallback(),
         ending,
         discard_unsaved: false,
+        defer_deletion: false,
     }
 }
 
@@ -527,5 +528,33 @@ async fn a_command_the_image_lacks_is_reported_in_agentboxs_words() {
             .iter()
             .any(|e| matches!(e, super::RunEvent::Output(_))),
         "the engine's own words are not passed on: {events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_deferred_deletion_leaves_a_manifest_that_the_purge_finishes() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    plays_a_task(&fx, &fake, "t");
+    let mut request = fx.request("t");
+    request.defer_deletion = true;
+    let outcome = fx.run(&fake, request).await.unwrap();
+    let manifest = outcome
+        .summary
+        .trash
+        .expect("the directories were moved aside");
+    // The task's paths are free at once; what was moved aside waits for the purge.
+    fx.assert_no_trace(&fake, "t");
+    let listed: crate::trash::Manifest =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(listed.paths.len(), 3, "{listed:?}");
+    assert!(listed.paths.iter().all(|p| p.exists()));
+    crate::trash::purge(&fake, &manifest).await.unwrap();
+    assert!(listed.paths.iter().all(|p| !p.exists()));
+    assert!(!manifest.exists());
+    assert_eq!(
+        fx.file_at("agentbox/t", "wip.txt").as_deref(),
+        Some("uncommitted\n"),
+        "the work was safe before anything was deleted"
     );
 }
