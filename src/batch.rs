@@ -420,6 +420,7 @@ async fn forward(
                 container_id,
                 worktree,
                 ports,
+                from_pool: _,
             } => BatchEvent::Created {
                 task: task.clone(),
                 branch: name.branch(),

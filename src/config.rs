@@ -286,6 +286,17 @@ pub struct ProjectConfig {
     /// starting from the base commit, would not see), instead of saying so.
     #[serde(default)]
     pub refuse_dirty_checkout: bool,
+    #[serde(default)]
+    pub pool: PoolConfig,
+}
+
+/// `[pool]`: sandboxes made ahead of time (see `agentbox pool`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Ready slots kept for the repository's default task (its image, its base); 0: no pool.
+    #[serde(default)]
+    pub size: usize,
 }
 
 impl ProjectConfig {

@@ -193,7 +193,7 @@ pub fn copy_log(
 /// (committed or not) while it runs.
 pub async fn diff(ws: &Workspace, task: &TaskName, stat: bool) -> Result<Vec<u8>, InspectError> {
     let record = record(ws, task)?;
-    let dirs = ws.task_dirs(task, &record.worktree);
+    let dirs = ws.dirs_of(&record);
     if dirs.worktree.is_dir() && dirs.start_commit().is_some() {
         let staging = Staging {
             own_files: &record.own_files,

@@ -15,6 +15,7 @@ pub mod fs_guard;
 pub mod git;
 pub mod inspect;
 pub mod output;
+pub mod pool;
 pub mod ports;
 pub mod recovery;
 pub mod runtime;

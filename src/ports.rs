@@ -189,6 +189,20 @@ impl PortLedger {
         })
     }
 
+    /// Hands every port `from` holds to `to` (a pool slot's to the task that took it).
+    pub fn transfer(&self, from: &Owner, to: &Owner) -> Result<BTreeMap<String, u16>, PortError> {
+        self.update(|ledger| {
+            let mut moved = BTreeMap::new();
+            for (port, entry) in ledger.iter_mut() {
+                if &entry.owner == from {
+                    entry.owner = to.clone();
+                    moved.insert(entry.name.clone(), *port);
+                }
+            }
+            Ok(moved)
+        })
+    }
+
     /// The ports `owner` holds, by name.
     pub fn held_by(&self, owner: &Owner) -> Result<BTreeMap<String, u16>, PortError> {
         self.update(|ledger| {

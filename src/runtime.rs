@@ -123,7 +123,7 @@ impl Mount {
 }
 
 /// What an image runs when a container does not say otherwise.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ImageDefaults {
     pub entrypoint: Vec<String>,
     pub cmd: Vec<String>,
@@ -158,6 +158,8 @@ pub struct Sandbox {
     pub network: Option<String>,
     pub services: Vec<String>,
     pub container: Option<String>,
+    /// What the task's image runs by default.
+    pub image_defaults: ImageDefaults,
 }
 
 impl Sandbox {
@@ -272,8 +274,7 @@ pub trait Runtime: Send + Sync {
     /// Removes a network; one that is gone is not an error.
     async fn remove_network(&self, network: &str) -> Result<(), RuntimeError>;
 
-    /// Gives a container another name (a finished task's, so the next run can take its name at
-    /// once while the old container is removed in the background).
+    /// Gives a container another name (a pool slot's container, the task's that takes it).
     async fn rename_container(&self, container: &str, name: &str) -> Result<(), RuntimeError>;
 
     /// Containers (running or not) carrying every one of `labels` (`key=value`).

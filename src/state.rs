@@ -130,7 +130,12 @@ impl StateDir {
 
     /// agentbox's scratch git dir for the task; never mounted anywhere.
     pub fn scratch_dir(&self, name: &TaskName) -> PathBuf {
-        self.root.join("scratch").join(name.as_str())
+        self.scratch_root().join(name.as_str())
+    }
+
+    /// The directory holding every task's scratch dir.
+    pub fn scratch_root(&self) -> PathBuf {
+        self.root.join("scratch")
     }
 
     fn ensure_dirs(&self) -> Result<(), StateError> {
@@ -339,6 +344,7 @@ mod tests {
             left_out: Vec::new(),
             oom_killed: false,
             memory_limit: None,
+            pool_slot: None,
         }
     }
 

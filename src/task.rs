@@ -209,6 +209,9 @@ pub struct TaskRecord {
     /// The task's memory limit in bytes, if it had one.
     #[serde(default)]
     pub memory_limit: Option<u64>,
+    /// The pool slot the task was made from: its containers carry that slot's label.
+    #[serde(default)]
+    pub pool_slot: Option<String>,
 }
 
 #[cfg(test)]

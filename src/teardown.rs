@@ -103,19 +103,44 @@ impl Leftovers {
         self.containers.is_empty() && self.networks.is_empty()
     }
 
-    /// The task's containers and networks, by their labels.
+    /// The task's containers and networks, by their labels: the task's, and the pool slot's it
+    /// was made from.
     pub async fn find(
         runtime: &dyn Runtime,
         repo_id: &str,
         task: &TaskName,
+        pool_slot: Option<&str>,
     ) -> Result<Self, crate::runtime::RuntimeError> {
-        let labels = [
-            format!("{REPO_LABEL}={repo_id}"),
-            format!("{TASK_LABEL}={task}"),
-        ];
+        let mut found = Self::find_labelled(
+            runtime,
+            &[
+                format!("{REPO_LABEL}={repo_id}"),
+                format!("{TASK_LABEL}={task}"),
+            ],
+        )
+        .await?;
+        if let Some(slot) = pool_slot {
+            let pooled = Self::find_labelled(
+                runtime,
+                &[
+                    format!("{REPO_LABEL}={repo_id}"),
+                    format!("{}={slot}", crate::pool::POOL_LABEL),
+                ],
+            )
+            .await?;
+            found.containers.extend(pooled.containers);
+            found.networks.extend(pooled.networks);
+        }
+        Ok(found)
+    }
+
+    async fn find_labelled(
+        runtime: &dyn Runtime,
+        labels: &[String],
+    ) -> Result<Self, crate::runtime::RuntimeError> {
         let (containers, networks) = tokio::join!(
-            runtime.find_containers(&labels),
-            runtime.find_networks(&labels)
+            runtime.find_containers(labels),
+            runtime.find_networks(labels)
         );
         Ok(Self {
             containers: containers?,
@@ -338,7 +363,7 @@ impl Run<'_> {
         }
 
         let stopped = self.stop_running(record, &leftovers.containers).await;
-        let dirs = self.ws.task_dirs(&record.name, &record.worktree);
+        let dirs = self.ws.dirs_of(record);
         if !stopped {
             if dirs.worktree.exists() {
                 let why = format!(

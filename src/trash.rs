@@ -80,6 +80,7 @@ pub fn move_aside(dirs: &TaskDirs, state: &StateDir) -> Result<Vec<PathBuf>, Tra
             Some(trash.join(format!("{task}-{id}-scratch"))),
         ),
     ];
+    dirs.remove_alias();
     let mut moved = Vec::new();
     for (from, to) in moves {
         let Some(to) = to else { continue };

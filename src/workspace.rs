@@ -81,6 +81,44 @@ impl Workspace {
             git_dir: self.state.task_git_dir(task),
             scratch: self.state.scratch_dir(task),
             branch: task.branch(),
+            alias: None,
+        }
+    }
+
+    /// Where a task's directories are, as its record says: a task that took a pool slot keeps the
+    /// slot's (see [`Workspace::pooled_task_dirs`]).
+    pub fn dirs_of(&self, record: &crate::task::TaskRecord) -> TaskDirs {
+        match &record.pool_slot {
+            Some(slot) => TaskDirs {
+                worktree: record.worktree.clone(),
+                ..self.pooled_task_dirs(&record.name, slot)
+            },
+            None => self.task_dirs(&record.name, &record.worktree),
+        }
+    }
+
+    /// The directories of pool slot `slot`: a worktree beside the tasks' (`.pool-<id>`, no task
+    /// name starts with a dot), its git dir and its scratch dir, on branch `agentbox-pool/<id>`.
+    pub fn slot_dirs(&self, slot: &str) -> TaskDirs {
+        let name = format!(".pool-{slot}");
+        TaskDirs {
+            worktree: self.worktree_root.join(&name),
+            git_dir: self.state.git_dirs_root().join(&name),
+            scratch: self.state.scratch_root().join(&name),
+            branch: format!("agentbox-pool/{slot}"),
+            alias: None,
+        }
+    }
+
+    /// The directories of a task that took pool slot `slot`. Its container was made with the
+    /// slot's paths mounted at the same paths, so the task keeps them: paths inside and outside the
+    /// container stay the same, and so does the `gitdir:` of the worktree's `.git` file. Its usual
+    /// worktree path is a link to the slot's worktree.
+    pub fn pooled_task_dirs(&self, task: &TaskName, slot: &str) -> TaskDirs {
+        TaskDirs {
+            branch: task.branch(),
+            alias: Some(self.worktree_path(task)),
+            ..self.slot_dirs(slot)
         }
     }
 

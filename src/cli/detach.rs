@@ -149,13 +149,19 @@ fn unlinked_file() -> Result<File, CommandError> {
 /// The background supervisor's event printer. The task's output goes to its log only; the parent
 /// hears `started` once the command runs; everything else goes to stderr, the parent's to report if
 /// the task never starts.
-pub async fn report_started(mut events: mpsc::Receiver<RunEvent>) {
+pub async fn report_started(
+    mut events: mpsc::Receiver<RunEvent>,
+    mut on_started: Option<Box<dyn FnOnce() + Send>>,
+) {
     // The terminal the task was started from may close at any time; that must not end the task.
     // tokio keeps its handler installed for the life of the process, so SIGHUP stays ignored.
     let _hangup = signal(SignalKind::hangup());
     while let Some(event) = events.recv().await {
         match event {
             RunEvent::Started { .. } => {
+                if let Some(hook) = on_started.take() {
+                    hook();
+                }
                 let mut out = io::stdout().lock();
                 let _ = writeln!(out, "{STARTED}").and_then(|()| out.flush());
             }

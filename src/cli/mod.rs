@@ -10,6 +10,7 @@ mod gc;
 mod image;
 mod logs;
 mod ls;
+mod pool;
 mod ports;
 mod purge;
 mod rm;
@@ -64,6 +65,7 @@ enum Command {
     Attach(attach::Args),
     Gc(gc::Args),
     Image(image::Args),
+    Pool(pool::Args),
     #[command(hide = true)]
     Purge(purge::Args),
 }
@@ -218,6 +220,7 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
         Command::Attach(args) => attach::attach(&context, args).await,
         Command::Gc(args) => gc::gc(&context, args).await,
         Command::Image(args) => image::image(args).await,
+        Command::Pool(args) => pool::pool(&context, args).await,
         Command::Purge(args) => purge::purge(&context, args).await,
     }
 }
@@ -237,6 +240,26 @@ impl Context {
 
     fn workspace(&self) -> Result<Workspace, agentbox::git::GitError> {
         Workspace::open(&self.start_dir(), &self.env.state_home)
+    }
+
+    /// A task's request as `agentbox.toml` and agentbox's defaults make it, before any flag: the
+    /// caller's environment, its uid:gid, half the machine's memory unless `[limits]` says
+    /// otherwise, the pool when `[pool]` asks for one.
+    fn default_request(
+        &self,
+        task: TaskName,
+        config: &ProjectConfig,
+        ws: &Workspace,
+    ) -> agentbox::RunRequest {
+        let mut request =
+            agentbox::RunRequest::from_config(task, config, ws.repo.workdir.as_deref());
+        request.host_env = self.env.vars.clone();
+        request.user = Some(default_user());
+        if request.limits.memory_bytes.is_none() {
+            request.limits.memory_bytes = self.env.total_memory.map(|total| total / 2);
+        }
+        request.use_pool = config.pool.size > 0;
+        request
     }
 
     /// The container engine: the one place where it is chosen.

@@ -42,6 +42,10 @@ pub struct Args {
     /// base is deleted by default)
     #[arg(long)]
     keep_branch: bool,
+    /// Make the task's sandbox from scratch even when the warm pool (`[pool]` of agentbox.toml)
+    /// has one ready
+    #[arg(long)]
+    no_pool: bool,
     /// Directory for task worktrees [default: `worktree_root` of agentbox.toml, or
     /// <repo's parent>/.agentbox-worktrees/<repo name>]
     #[arg(long, value_name = "DIR")]
@@ -188,17 +192,17 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         .prepare_runs(args.worktree_root.as_deref(), from_head.as_deref())
         .await?;
 
-    let from_config = RunRequest::from_config(task, &config, ws.repo.workdir.as_deref());
+    let from_config = context.default_request(task, &config, &ws);
     let mut request = RunRequest {
         image: args.image.unwrap_or(from_config.image.clone()),
         base: args.base,
         command: (!args.command.is_empty()).then_some(args.command),
         env,
-        host_env: context.env.vars.clone(),
         labels,
         user,
         keep: args.keep,
         keep_branch: args.keep_branch,
+        use_pool: from_config.use_pool && !args.no_pool,
         stop_timeout: Duration::from_secs(args.stop_timeout),
         ..from_config
     };
@@ -208,10 +212,17 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
     let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);
     let signals = tokio::spawn(forward_signals(stop_tx));
     let (events_tx, events_rx) = mpsc::channel(256);
+    // With a pool, once the command runs (the slot it took, if any, is gone from the pool), the pool
+    // is brought back to its size in the background.
+    let refill: Option<Box<dyn FnOnce() + Send>> = request.use_pool.then(|| {
+        let (start_dir, labels) = (context.start_dir(), request.labels.clone());
+        let log = agentbox::pool::refill_log(&ws);
+        Box::new(move || super::pool::refill_in_background(&start_dir, &labels, &log)) as _
+    });
     let printer = if detach::in_background() {
-        tokio::spawn(detach::report_started(events_rx))
+        tokio::spawn(detach::report_started(events_rx, refill))
     } else {
-        tokio::spawn(print_events(events_rx))
+        tokio::spawn(print_events(events_rx, refill))
     };
 
     let result = supervisor::run(&ws, &*runtime, request, events_tx, stop_rx).await;
@@ -242,7 +253,10 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
     }
 }
 
-async fn print_events(mut events: mpsc::Receiver<RunEvent>) {
+async fn print_events(
+    mut events: mpsc::Receiver<RunEvent>,
+    mut on_started: Option<Box<dyn FnOnce() + Send>>,
+) {
     while let Some(event) = events.recv().await {
         match event {
             RunEvent::Output(Output::Stdout(bytes)) => {
@@ -262,7 +276,12 @@ async fn print_events(mut events: mpsc::Receiver<RunEvent>) {
             }
             RunEvent::Stopping { immediate: true } => eprintln!("agentbox: killing the task"),
             RunEvent::StartFailed { message } => eprintln!("agentbox: {message}"),
-            RunEvent::Created { ports, .. } => {
+            RunEvent::Created {
+                ports, from_pool, ..
+            } => {
+                if from_pool {
+                    eprintln!("agentbox: the task's sandbox comes from the pool");
+                }
                 for (name, port) in &ports {
                     eprintln!(
                         "agentbox: port {name} ({}) is {}",
@@ -271,7 +290,12 @@ async fn print_events(mut events: mpsc::Receiver<RunEvent>) {
                     );
                 }
             }
-            RunEvent::Started { .. } | RunEvent::Exited { .. } | RunEvent::OutOfMemory { .. } => {}
+            RunEvent::Started { .. } => {
+                if let Some(hook) = on_started.take() {
+                    hook();
+                }
+            }
+            RunEvent::Exited { .. } | RunEvent::OutOfMemory { .. } => {}
         }
     }
 }

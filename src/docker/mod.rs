@@ -308,6 +308,7 @@ impl Runtime for DockerEngine {
             task.entrypoint = Some(entrypoint);
             task.command = Some(cmd);
         }
+        made.image_defaults = task_defaults;
         match self.create_container(&task).await {
             Ok(id) => {
                 made.container = Some(id);

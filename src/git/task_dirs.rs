@@ -40,6 +40,9 @@ pub struct TaskDirs {
     pub scratch: PathBuf,
     /// `agentbox/<task>`
     pub branch: String,
+    /// A link at the task's usual worktree path, when its worktree is elsewhere (a task that took
+    /// a pool slot keeps the slot's paths, where its container sees them).
+    pub alias: Option<PathBuf>,
 }
 
 /// What the worktree was checked out at, and the index of that checkout (with its file stats, so
@@ -169,6 +172,94 @@ impl TaskDirs {
         Ok(())
     }
 
+    /// Makes the dirs of a pool slot (no task has run in them) the dirs of a task's branch starting
+    /// at `to`: the checkout moves from the slot's commit `from` to `to` writing only the files
+    /// that differ, the git dir's branch and HEAD become `branch`'s, and its copy of the
+    /// repository's refs is brought up to date. The caller then moves the dirs to the task's paths.
+    pub async fn retarget(
+        &self,
+        repo: &Repo,
+        branch: &str,
+        from: gix::ObjectId,
+        to: gix::ObjectId,
+    ) -> Result<(), GitError> {
+        let index = self.git_dir.join("index");
+        if from != to {
+            let objects = self.git_dir.join("objects");
+            let host_objects = repo.objects_dir();
+            let alternates = [host_objects.as_path()];
+            let git = Git::guarded(&GuardedPaths {
+                git_dir: &self.git_dir,
+                work_tree: &self.worktree,
+                index: &index,
+                objects: &objects,
+                alternates: &alternates,
+            });
+            git.run(&["read-tree", "-m", "-u", &from.to_string(), &to.to_string()])
+                .await?;
+            let start_index = self.scratch.join(START_INDEX);
+            fs::copy(&index, &start_index).map_err(|source| GitError::Io {
+                action: "copy the index to",
+                path: start_index,
+                source,
+            })?;
+        }
+        let branch_ref = format!("refs/heads/{branch}");
+        let io = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| GitError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let refs = repo.refs_for_tasks(&branch_ref)?;
+        let t = &self.git_dir;
+        let new_ref = t.join(&branch_ref);
+        if let Some(parent) = new_ref.parent() {
+            fs::create_dir_all(parent).map_err(io("create", parent))?;
+        }
+        let head = format!("ref: {branch_ref}\n");
+        let files = [
+            (new_ref, format!("{to}\n")),
+            (t.join("HEAD"), head.clone()),
+            (t.join("packed-refs"), packed_refs(&refs)),
+            (self.scratch.join(START_COMMIT), format!("{to}\n")),
+            (self.scratch.join("HEAD"), head),
+        ];
+        for (path, contents) in &files {
+            fs::write(path, contents).map_err(io("write", path))?;
+        }
+        let old_ref = t.join(self.branch_ref());
+        let _ = fs::remove_file(&old_ref);
+        if let Some(parent) = old_ref.parent() {
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+
+    /// Moves the worktree and the git dirs to `to`'s paths.
+    /// Makes the alias: a relative link to the worktree, beside it.
+    pub fn link_alias(&self) -> Result<(), GitError> {
+        let (Some(alias), Some(target)) = (&self.alias, self.worktree.file_name()) else {
+            return Ok(());
+        };
+        std::os::unix::fs::symlink(target, alias).map_err(|source| GitError::Io {
+            action: "link",
+            path: alias.clone(),
+            source,
+        })
+    }
+
+    /// Removes the alias, if it is a link (anything else at its path is not agentbox's).
+    pub fn remove_alias(&self) {
+        if let Some(alias) = &self.alias
+            && fs::symlink_metadata(alias).is_ok_and(|m| m.file_type().is_symlink())
+        {
+            let _ = fs::remove_file(alias);
+        }
+    }
+
     /// The commit the worktree was checked out at; `None` when the checkout never finished.
     pub fn start_commit(&self) -> Option<gix::ObjectId> {
         let text = fs::read_to_string(self.scratch.join(START_COMMIT)).ok()?;
@@ -288,6 +379,7 @@ impl TaskDirs {
     /// Removes the worktree, then the task git dir, then the scratch git dir. Nothing in them is
     /// followed (`remove_dir_all` does not follow symlinks). Whatever is already gone is fine.
     pub fn remove(&self) -> Result<(), GitError> {
+        self.remove_alias();
         for dir in [&self.worktree, &self.git_dir, &self.scratch] {
             match fs::remove_dir_all(dir) {
                 Ok(()) => {}

@@ -82,7 +82,7 @@ pub fn is_left_behind(ws: &Workspace, record: &TaskRecord) -> bool {
     record.state != TaskState::Kept
         && (record.state.is_active()
             || record.worktree.is_dir()
-            || ws.state.task_git_dir(&record.name).exists())
+            || ws.dirs_of(record).git_dir.exists())
 }
 
 /// Whether any task of the repository was left behind by a dead supervisor. Reads only the records
@@ -154,7 +154,8 @@ pub async fn reconcile(
             Some(record) => record,
             None => record_for_leftovers(ws, task),
         };
-        let leftovers = Leftovers::find(runtime, &ws.repo_id, task).await?;
+        let leftovers =
+            Leftovers::find(runtime, &ws.repo_id, task, record.pool_slot.as_deref()).await?;
         let teardown_options = teardown::Options {
             stop_timeout: options.stop_timeout,
             by: "agentbox gc",
@@ -184,6 +185,16 @@ pub async fn reconcile(
             &mut count,
         )
         .await;
+    }
+    if !options.dry_run {
+        // Pool slots whose maker or taker died; ready slots stay, they are the pool.
+        let owned: BTreeSet<String> = ws
+            .state
+            .list()?
+            .into_iter()
+            .filter_map(|r| r.pool_slot)
+            .collect();
+        let _ = crate::pool::collect_dead(ws, runtime, &owned).await;
     }
     if summary.live.is_empty() && !options.dry_run {
         summary.shared_networks_removed = remove_shared_networks(ws, runtime).await;
@@ -262,7 +273,13 @@ async fn recover_one(
     claim: &TaskClaim,
     how: &OneRecovery,
 ) -> Result<Vec<Step>, RecoveryError> {
-    let leftovers = Leftovers::find(runtime, &ws.repo_id, &record.name).await?;
+    let leftovers = Leftovers::find(
+        runtime,
+        &ws.repo_id,
+        &record.name,
+        record.pool_slot.as_deref(),
+    )
+    .await?;
     let mut record = record.clone();
     if record.state == TaskState::Kept {
         // Kept on purpose until now: tear it down as if its run had just ended.
@@ -371,5 +388,6 @@ fn record_for_leftovers(ws: &Workspace, task: &TaskName) -> TaskRecord {
         left_out: Vec::new(),
         oom_killed: false,
         memory_limit: None,
+        pool_slot: None,
     }
 }

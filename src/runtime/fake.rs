@@ -106,9 +106,10 @@ impl FakeRuntime {
 }
 
 fn matches(labels: &HashMap<String, String>, wanted: &[String]) -> bool {
-    wanted.iter().all(|w| {
-        let (key, value) = w.split_once('=').unwrap_or((w, ""));
-        labels.get(key).is_some_and(|v| v == value)
+    wanted.iter().all(|w| match w.split_once('=') {
+        Some((key, value)) => labels.get(key).is_some_and(|v| v == value),
+        // A key alone asks only that the label be there, as the engine's filter does.
+        None => labels.contains_key(w.as_str()),
     })
 }
 

@@ -24,6 +24,7 @@
 mod live_import;
 mod output;
 mod plan;
+mod pooled;
 mod request;
 
 use std::collections::BTreeMap;
@@ -46,7 +47,8 @@ use crate::state::TaskClaim;
 use crate::task::{TaskName, TaskRecord, TaskState};
 use crate::teardown::{self, Ending, Leftovers};
 use crate::workspace::Workspace;
-use plan::{all_port_mappings, own_files, plan, port_names};
+use plan::all_port_mappings;
+pub(crate) use plan::{own_files, plan, port_names};
 
 const ZERO_ID: &str = "0000000000000000000000000000000000000000";
 
@@ -101,7 +103,31 @@ pub async fn run(
     }
     let identity = ws.repo.identity().unwrap_or_else(Identity::fallback);
 
-    // Ports are the first thing reserved; from here on every failure releases them.
+    // A ready slot of the pool, when there is one for this kind of task: its sandbox exists and
+    // idles, and only needs to become this task's.
+    let slot = if request.use_pool && crate::pool::unpoolable(&request).is_none() {
+        let (pool_ws, key) = (ws.clone(), crate::pool::key(&request));
+        tokio::task::spawn_blocking(move || crate::pool::claim_ready(&pool_ws, &key))
+            .await
+            .expect("looking at the pool does not panic")
+            .unwrap_or(None)
+    } else {
+        None
+    };
+    let (dirs, worktree) = match &slot {
+        Some((slot, _)) => {
+            let dirs = TaskDirs {
+                worktree: slot.worktree.clone(),
+                ..ws.pooled_task_dirs(&task, &slot.id)
+            };
+            let worktree = dirs.worktree.clone();
+            (dirs, worktree)
+        }
+        None => (dirs, worktree),
+    };
+
+    // Ports are the first thing reserved (or, from a slot, taken over); from here on every
+    // failure releases them.
     let owner = Owner {
         repo_id: ws.repo_id.clone(),
         task: task.to_string(),
@@ -113,8 +139,12 @@ pub async fn run(
         .collect();
     let wanted = port_names(&request);
     let (ledger, range, reserve_owner) = (ws.ports.clone(), request.port_range, owner.clone());
-    let host_ports = tokio::task::spawn_blocking(move || {
-        ledger.reserve(&reserve_owner, &wanted, range, &preferred)
+    let slot_owner = slot
+        .as_ref()
+        .map(|(slot, _)| crate::pool::pool_owner(ws, &slot.id));
+    let host_ports = tokio::task::spawn_blocking(move || match slot_owner {
+        Some(slot_owner) => ledger.transfer(&slot_owner, &reserve_owner),
+        None => ledger.reserve(&reserve_owner, &wanted, range, &preferred),
     })
     .await
     .expect("reserving ports does not panic")?;
@@ -150,6 +180,7 @@ pub async fn run(
         left_out: Vec::new(),
         oom_killed: false,
         memory_limit: request.limits.memory_bytes,
+        pool_slot: slot.as_ref().map(|(slot, _)| slot.id.clone()),
     };
     if let Err(e) = ws.state.save(&record).await {
         let _ = ws.ports.release(&owner);
@@ -170,10 +201,45 @@ pub async fn run(
         claim: std::sync::Arc::new(claim),
         start: existing_tip.unwrap_or(base_id),
     };
-    match run.create(&plan).await {
-        Ok(sandbox) => run.supervise(sandbox).await,
-        Err(failure) => Err(run.roll_back(failure).await),
+    match slot {
+        Some((slot, claim)) => match run.adopt(&slot, claim).await {
+            Ok(sandbox) => run.supervise(sandbox, Launch::Exec).await,
+            Err(failure) => Err(run.roll_back(failure).await),
+        },
+        None => match run.create(&plan).await {
+            Ok(sandbox) => run.supervise(sandbox, Launch::Start).await,
+            Err(failure) => Err(run.roll_back(failure).await),
+        },
     }
+}
+
+/// The task's command while it runs.
+enum Running {
+    /// The container's own command.
+    Container(String),
+    /// A command run in the container with `exec`; `ended` fires when its output has ended.
+    Exec {
+        container: String,
+        execution: String,
+        ended: tokio::sync::oneshot::Receiver<()>,
+    },
+}
+
+impl Running {
+    fn container(&self) -> &str {
+        match self {
+            Self::Container(id) | Self::Exec { container: id, .. } => id,
+        }
+    }
+}
+
+/// How the task's command starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Launch {
+    /// The container's own command: attach, then start the container.
+    Start,
+    /// In a container that already runs idle (a pool slot's): `exec`.
+    Exec,
 }
 
 struct Supervised<'a> {
@@ -298,6 +364,13 @@ impl Supervised<'_> {
             .into_iter()
             .map(|e| e.to_string())
             .collect();
+        if let Some(slot) = self.record.pool_slot.clone() {
+            // A slot half made into this task: whatever of it is left goes too.
+            let placeholder = crate::pool::Slot::placeholder(self.ws, &slot);
+            if let Err(e) = crate::pool::remove_slot(self.ws, self.runtime, &placeholder).await {
+                problems.push(e.to_string());
+            }
+        }
         let dirs = self.dirs.clone();
         let removed = tokio::task::spawn_blocking(move || dirs.remove())
             .await
@@ -348,7 +421,7 @@ impl Supervised<'_> {
         }
     }
 
-    async fn supervise(mut self, sandbox: Sandbox) -> Result<RunOutcome, RunError> {
+    async fn supervise(mut self, sandbox: Sandbox, launch: Launch) -> Result<RunOutcome, RunError> {
         let container_id = sandbox
             .container
             .clone()
@@ -368,28 +441,59 @@ impl Supervised<'_> {
             Ok(log) => log,
             Err(error) => return Err(self.roll_back(fail_setup(error, sandbox)).await),
         };
-        let stream = match self.runtime.attach(&container_id).await {
-            Ok(stream) => stream,
+        // Attached before the start (a container's output) or with it (an exec's).
+        let attached = match launch {
+            Launch::Start => self.runtime.attach(&container_id).await.map(Some),
+            Launch::Exec => Ok(None),
+        };
+        let attached = match attached {
+            Ok(attached) => attached,
             Err(e) => return Err(self.roll_back(fail_setup(e.into(), sandbox)).await),
         };
+        self.emit(RunEvent::Created {
+            container_id: container_id.clone(),
+            worktree: self.record.worktree.clone(),
+            ports: self.record.ports.clone(),
+            from_pool: launch == Launch::Exec,
+        })
+        .await;
+
+        self.record.container_id = Some(container_id.clone());
+        self.save(TaskState::Running).await?;
         let (started, started_gate) = tokio::sync::oneshot::channel();
+        let (output_done, output_ended) = tokio::sync::oneshot::channel::<()>();
+        let launched = match (launch, attached) {
+            (Launch::Start, Some(stream)) => self
+                .runtime
+                .start(&container_id)
+                .await
+                .map(|()| (stream, None)),
+            (Launch::Start, None) => unreachable!("a container is attached to before its start"),
+            (Launch::Exec, _) => {
+                let spec = self.exec_spec(&sandbox);
+                self.runtime
+                    .exec(&container_id, &spec)
+                    .await
+                    .map(|execution| (execution.output, Some(execution.id)))
+            }
+        };
+        let (stream, execution, started_result) = match launched {
+            Ok((stream, execution)) => (stream, execution, Ok(())),
+            Err(e) => (
+                Box::pin(futures::stream::empty()) as crate::runtime::OutputStream,
+                None,
+                Err(e),
+            ),
+        };
         let pump = tokio::spawn(output::pump(
             stream,
             log,
             self.events.clone(),
             started_gate,
             self.request.image.clone(),
+            output_done,
         ));
-        self.emit(RunEvent::Created {
-            container_id: container_id.clone(),
-            worktree: self.record.worktree.clone(),
-            ports: self.record.ports.clone(),
-        })
-        .await;
-
-        self.record.container_id = Some(container_id.clone());
-        self.save(TaskState::Running).await?;
-        let mut exit = match self.runtime.start(&container_id).await {
+        let mut exit = match started_result {
             Ok(()) => {
                 self.emit(RunEvent::Started {
                     container_id: container_id.clone(),
@@ -425,6 +529,14 @@ impl Supervised<'_> {
                 return Err(self.roll_back(fail_setup(e.into(), sandbox)).await);
             }
         };
+        let running = match execution {
+            Some(execution) => Running::Exec {
+                container: container_id.clone(),
+                execution,
+                ended: output_ended,
+            },
+            None => Running::Container(container_id.clone()),
+        };
 
         // Output reaches the caller only after `Started` (or `StartFailed`), in that order.
         let _ = started.send(());
@@ -436,11 +548,16 @@ impl Supervised<'_> {
         );
         let mut stopped_by = None;
         let mut wait_error = None;
+        let pooled = matches!(running, Running::Exec { .. });
         if exit.is_none() {
-            match self.wait_or_stop(&container_id, &mut stopped_by).await {
+            match self.wait_or_stop(running, &mut stopped_by).await {
                 Ok(ended) => exit = Some(ended),
                 Err(e) => wait_error = Some(e.to_string()),
             }
+        }
+        if pooled {
+            // What is left in a slot's container after its command is its idle process.
+            let _ = self.runtime.kill(&container_id).await;
         }
         // The output stream ends when the container stops; drain it so the log is complete.
         if wait_error.is_none() {
@@ -473,11 +590,31 @@ impl Supervised<'_> {
     /// stop and the kill say is reported once the command has ended.
     async fn wait_or_stop(
         &mut self,
-        container_id: &str,
+        running: Running,
         stopped_by: &mut Option<StopSignal>,
     ) -> Result<Exit, RuntimeError> {
         let runtime = self.runtime;
-        let wait = runtime.wait(container_id);
+        let container_id = running.container().to_owned();
+        let container_id = container_id.as_str();
+        let graceful_exec = self.graceful_exec_stop();
+        let grace = self.request.stop_timeout;
+        let is_exec = matches!(running, Running::Exec { .. });
+        let wait = async move {
+            match running {
+                Running::Container(id) => runtime.wait(&id).await,
+                Running::Exec {
+                    execution, ended, ..
+                } => {
+                    // The output ends when the command does.
+                    let _ = ended.await;
+                    let code = runtime.exec_exit(&execution).await?;
+                    Ok(Exit {
+                        code,
+                        oom_killed: false,
+                    })
+                }
+            }
+        };
         tokio::pin!(wait);
         let mut listening = true;
         let mut stops = futures::stream::FuturesUnordered::new();
@@ -496,14 +633,26 @@ impl Supervised<'_> {
                             stopped_by.get_or_insert(signal);
                             let _ = self.save(TaskState::Stopping).await;
                             self.emit(RunEvent::Stopping { immediate: false }).await;
-                            let grace = self.request.stop_timeout;
-                            stops.push(runtime.stop(container_id, grace));
+                            if is_exec {
+                                // The command is not the container's own: it is asked itself,
+                                // then everything is killed once the grace period is over.
+                                let spec = graceful_exec.clone();
+                                stops.push(Box::pin(async move {
+                                    if let Ok(asked) = runtime.exec(container_id, &spec).await {
+                                        let _ = futures::StreamExt::count(asked.output).await;
+                                    }
+                                    tokio::time::sleep(grace).await;
+                                    runtime.kill(container_id).await
+                                }) as futures::future::BoxFuture<'_, Result<(), RuntimeError>>);
+                            } else {
+                                stops.push(Box::pin(runtime.stop(container_id, grace)));
+                            }
                         }
                         StopLevel::Immediate(signal) => {
                             stopped_by.get_or_insert(signal);
                             let _ = self.save(TaskState::Stopping).await;
                             self.emit(RunEvent::Stopping { immediate: true }).await;
-                            stops.push(runtime.kill(container_id));
+                            stops.push(Box::pin(runtime.kill(container_id)));
                         }
                     }
                 }
@@ -512,12 +661,8 @@ impl Supervised<'_> {
                 }
             }
         };
-        while let Some(result) = futures::StreamExt::next(&mut stops).await {
-            if let Err(e) = result {
-                let message = format!("stopping task {}: {e}", self.record.name);
-                self.emit(RunEvent::Warning { message }).await;
-            }
-        }
+        // A stop still under way ends with the command; one waiting out a grace period is moot.
+        drop(stops);
         exit
     }
 
@@ -527,9 +672,14 @@ impl Supervised<'_> {
         stopped_by: Option<StopSignal>,
         exit: Option<Exit>,
     ) -> Result<RunOutcome, RunError> {
-        let leftovers = Leftovers::find(self.runtime, &self.ws.repo_id, self.task())
-            .await
-            .unwrap_or_default();
+        let leftovers = Leftovers::find(
+            self.runtime,
+            &self.ws.repo_id,
+            self.task(),
+            self.record.pool_slot.as_deref(),
+        )
+        .await
+        .unwrap_or_default();
         let options = teardown::Options {
             stop_timeout: self.request.stop_timeout,
             by: "agentbox run",
@@ -592,6 +742,7 @@ impl Supervised<'_> {
                 memory_limit: self.request.limits.memory_bytes,
                 branch_deleted,
                 trash: report.trash,
+                from_pool: self.record.pool_slot.is_some(),
             },
         })
     }

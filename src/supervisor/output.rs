@@ -54,6 +54,8 @@ pub(super) async fn pump(
     events: mpsc::Sender<RunEvent>,
     started: tokio::sync::oneshot::Receiver<()>,
     image: String,
+    // Dropped when the output has ended: what the end of an exec is known by.
+    _done: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut caller_listening = true;
     let mut started = Some(started);

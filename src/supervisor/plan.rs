@@ -17,14 +17,14 @@ use crate::runtime::{
 use crate::workspace::Workspace;
 
 /// Paths agentbox itself puts into the worktree; a snapshot never commits them.
-pub(super) fn own_files(request: &RunRequest) -> Vec<String> {
+pub(crate) fn own_files(request: &RunRequest) -> Vec<String> {
     std::iter::once(request.env_file_name.clone())
         .chain(request.copy.iter().map(|p| p.display().to_string()))
         .collect()
 }
 
 /// Ledger names of every port the task needs: its own (`web`) and its services' (`db.pg`).
-pub(super) fn port_names(request: &RunRequest) -> Vec<String> {
+pub(crate) fn port_names(request: &RunRequest) -> Vec<String> {
     let own = request.ports.keys().cloned();
     let services = request
         .services
@@ -55,7 +55,7 @@ pub(super) fn all_port_mappings(
 }
 
 /// Everything the engine will create, and the environment as agentbox may record it.
-pub(super) fn plan(
+pub(crate) fn plan(
     ws: &Workspace,
     request: &RunRequest,
     dirs: &TaskDirs,

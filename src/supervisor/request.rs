@@ -80,6 +80,8 @@ pub struct RunRequest {
     /// directories to a purge (see [`crate::trash`]; the caller starts it from
     /// [`RunSummary::trash`]).
     pub defer_deletion: bool,
+    /// Take a ready sandbox from the pool when there is one for this kind of task.
+    pub use_pool: bool,
 }
 
 impl RunRequest {
@@ -115,6 +117,7 @@ impl RunRequest {
             max_snapshot_file: DEFAULT_MAX_SNAPSHOT_FILE,
             checkout_workers: 4,
             defer_deletion: false,
+            use_pool: false,
         }
     }
 
@@ -205,6 +208,8 @@ pub enum RunEvent {
         worktree: PathBuf,
         /// The task's and its services' ports, by name.
         ports: BTreeMap<String, PortMapping>,
+        /// The sandbox was made ahead of time (a pool slot).
+        from_pool: bool,
     },
     /// The container has started in the worktree.
     Started {
@@ -257,6 +262,8 @@ pub struct RunSummary {
     pub branch_deleted: bool,
     /// What is left to delete, for [`crate::trash::purge`].
     pub trash: Option<PathBuf>,
+    /// The task was made from a pool slot (the caller may want to refill the pool).
+    pub from_pool: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,6 +356,8 @@ pub enum RunError {
     State(#[from] StateError),
     #[error(transparent)]
     Recovery(#[from] crate::recovery::RecoveryError),
+    #[error(transparent)]
+    Pool(#[from] crate::pool::PoolError),
 }
 
 /// Where a task's work is after a teardown that did not finish.

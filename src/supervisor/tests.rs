@@ -313,7 +313,9 @@ async fn tear_down_and_crash(fx: &Fixture, fake: &FakeRuntime, crash_after: usiz
     let name = TaskName::parse("t").unwrap();
     let claim = fx.ws.state.try_claim(&name).unwrap().unwrap();
     let mut record = fx.ws.state.read(&name).unwrap().unwrap();
-    let leftovers = Leftovers::find(fake, &fx.ws.repo_id, &name).await.unwrap();
+    let leftovers = Leftovers::find(fake, &fx.ws.repo_id, &name, None)
+        .await
+        .unwrap();
     let options = teardown_options(Ending::Exited);
     let mut taken = 0;
     let mut crash = |_: &Step| {

@@ -216,7 +216,9 @@ impl TestEnv {
         let subcommand = args
             .iter()
             .take_while(|a| a.as_os_str() != "--")
-            .position(|a| a.as_os_str() == "run" || a.as_os_str() == "batch");
+            .position(|a| {
+                a.as_os_str() == "run" || a.as_os_str() == "batch" || a.as_os_str() == "fill"
+            });
         if let Some(pos) = subcommand {
             args.insert(pos + 1, "--label".into());
             args.insert(pos + 2, format!("{TEST_LABEL}={}", self.id).into());

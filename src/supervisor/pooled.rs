@@ -1,0 +1,139 @@
+//! A task made from a pool slot: the slot's idle sandbox becomes the task's, and the command runs in
+//! it with `exec` (see [`crate::pool`]).
+
+use super::{RunError, SetupFailure, Supervised, ZERO_ID, fill_worktree};
+use crate::pool::{self, Slot, SlotClaim};
+use crate::runtime::{ExecSpec, Sandbox, wrap_with_setup};
+
+/// Where the command's pid is kept inside the container, for a graceful stop.
+const PID_FILE: &str = "/tmp/.agentbox-command.pid";
+
+impl Supervised<'_> {
+    /// Turns the slot into this task's sandbox: the checkout moves to the task's start (changed
+    /// files only) while the task's branch is made, the task's usual worktree path becomes a link
+    /// to the slot's worktree, the env file and the copies go in, the container takes the task's
+    /// name. The slot is forgotten: from here on it is the task's.
+    pub(super) async fn adopt(
+        &mut self,
+        slot: &Slot,
+        claim: SlotClaim,
+    ) -> Result<Sandbox, SetupFailure> {
+        let sandbox = Sandbox {
+            container: slot.container.clone(),
+            image_defaults: slot.image_defaults.clone(),
+            ..Sandbox::default()
+        };
+        let fail = |error: RunError, sandbox: &Sandbox| SetupFailure {
+            error,
+            sandbox: sandbox.clone(),
+        };
+        let from: gix::ObjectId = match slot.base_commit.parse() {
+            Ok(id) => id,
+            Err(_) => {
+                let error = RunError::Pool(pool::PoolError::NotPoolable {
+                    why: format!("slot {} names no commit", slot.id),
+                });
+                return Err(fail(error, &sandbox));
+            }
+        };
+        let slot_dirs = pool::slot_dirs_of(slot);
+        let branch = async {
+            if self.record.created_branch {
+                let message = format!("agentbox: task {} starts", self.task());
+                self.ws
+                    .repo
+                    .git()
+                    .run(&[
+                        "update-ref",
+                        "--create-reflog",
+                        "-m",
+                        &message,
+                        &self.dirs.branch_ref(),
+                        &self.record.base_commit,
+                        ZERO_ID,
+                    ])
+                    .await?;
+            }
+            Ok::<_, RunError>(())
+        };
+        let prepared = async {
+            slot_dirs
+                .retarget(&self.ws.repo, &self.dirs.branch, from, self.start)
+                .await?;
+            let (dirs, request, env) = (self.dirs.clone(), self.request.clone(), self.env.clone());
+            tokio::task::spawn_blocking(move || {
+                dirs.link_alias()?;
+                fill_worktree(&dirs, &request, &env)
+            })
+            .await
+            .expect("moving directories does not panic")
+        };
+        // The container takes the task's name, as a cold start would give it; a name still taken
+        // (a leftover of an earlier run) leaves it the slot's name, which the record then says.
+        let renamed = async {
+            match &slot.container {
+                Some(container) => self
+                    .runtime
+                    .rename_container(container, &self.record.container_name)
+                    .await
+                    .is_ok(),
+                None => false,
+            }
+        };
+        let (branch, prepared, renamed) = tokio::join!(branch, prepared, renamed);
+        if !renamed {
+            self.record.container_name = slot.container_name.clone();
+        }
+        pool::forget(self.ws, &slot.id);
+        drop(claim);
+        branch.and(prepared).map_err(|e| fail(e, &sandbox))?;
+        Ok(sandbox)
+    }
+
+    /// The command as the container would have run it, under a shell that notes its pid (for a
+    /// graceful stop) and replaces itself with it.
+    pub(super) fn exec_spec(&self, sandbox: &Sandbox) -> ExecSpec {
+        let defaults = &sandbox.image_defaults;
+        let mut command = vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            format!("echo $$ > {PID_FILE}; exec \"$@\""),
+            "sh".to_owned(),
+        ];
+        if self.request.setup.is_empty() {
+            command.extend(defaults.entrypoint.iter().cloned());
+            command.extend(
+                self.request
+                    .command
+                    .clone()
+                    .unwrap_or_else(|| defaults.cmd.clone()),
+            );
+        } else {
+            let (entrypoint, cmd) =
+                wrap_with_setup(&self.request.setup, self.request.command.clone(), defaults);
+            command.extend(entrypoint);
+            command.extend(cmd);
+        }
+        ExecSpec {
+            command,
+            env: crate::environment::docker_env(&self.env),
+            working_dir: None,
+            user: self.request.user.clone(),
+            tty: false,
+            stdin: false,
+        }
+    }
+
+    /// Asks the command to end (SIGTERM), as the container's own would be asked by a stop.
+    pub(super) fn graceful_exec_stop(&self) -> ExecSpec {
+        ExecSpec {
+            command: vec![
+                "/bin/sh".to_owned(),
+                "-c".to_owned(),
+                format!("kill -TERM \"$(cat {PID_FILE})\" 2>/dev/null"),
+            ],
+            user: self.request.user.clone(),
+            ..ExecSpec::default()
+        }
+    }
+}

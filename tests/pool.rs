@@ -1,0 +1,362 @@
+//! The warm pool (`[pool]`, `agentbox pool`): a task that takes a ready slot is the task a cold start
+//! makes — same environment, ports, branch, base, paths and snapshot — the pool refills itself, a slot
+//! never serves two tasks, and nothing of the pool outlives `pool drain` and `gc`, also when the
+//! process making a slot or supervising a pooled task is killed.
+
+mod common;
+
+use std::fs::{self, File, TryLockError};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// A pool of one slot; each test publishes ports from a `port_range` of its own (every test has
+/// its own port ledger, so only disjoint ranges keep parallel tests from racing for a port).
+fn pool_of_one(port_range: &str) -> String {
+    format!(
+        "port_range = \"{port_range}\"\n\n[pool]\nsize = 1\n\n[ports]\napi = 8080\n\n[env]\nGREETING = \"hello ${{task}}\"\n"
+    )
+}
+
+/// `agentbox pool status --json`: one object per slot.
+fn slots(env: &TestEnv) -> Vec<Value> {
+    let out = env.output(["pool", "status", "--json"]);
+    out.expect_code(0);
+    out.stdout_lines()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}\n{out}")))
+        .collect()
+}
+
+fn ready_slots(env: &TestEnv) -> Vec<Value> {
+    slots(env)
+        .into_iter()
+        .filter(|s| s["state"] == "ready")
+        .collect()
+}
+
+/// Waits until the pool holds `n` ready slots and nothing else: the refill a run started in the
+/// background has finished. Bounded, so that a refill that never comes fails the test.
+fn wait_for_pool(env: &TestEnv, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let all = slots(env);
+        if all.len() == n && all.iter().all(|s| s["state"] == "ready") {
+            return all;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never settled at {n} ready slot(s): {all:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits (bounded) until no `pool fill` of the repository runs, so that the test's guard removes
+/// every container a background refill made, also when an assertion failed.
+struct FillerGuard(PathBuf);
+
+impl FillerGuard {
+    fn new(env: &TestEnv) -> Self {
+        Self(env.state_root())
+    }
+}
+
+impl Drop for FillerGuard {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let Ok(repos) = fs::read_dir(&self.0) else {
+            return;
+        };
+        for repo in repos.flatten() {
+            let Ok(lock) = File::open(repo.path().join("pool/fill.lock")) else {
+                continue;
+            };
+            while matches!(lock.try_lock(), Err(TryLockError::WouldBlock))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Directories of the pool (`.pool-<id>`) anywhere agentbox keeps task directories.
+fn pool_dirs(env: &TestEnv) -> Vec<PathBuf> {
+    let repo_state = env.state_root().join(env.repo_id());
+    [
+        env.worktree_root(),
+        repo_state.join("git"),
+        repo_state.join("scratch"),
+    ]
+    .iter()
+    .filter_map(|dir| fs::read_dir(dir).ok())
+    .flat_map(|entries| entries.flatten().map(|e| e.path()))
+    .filter(|p| {
+        p.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(".pool-")
+    })
+    .collect()
+}
+
+/// Asserts that the pool is empty and left nothing: no container, record, directory or port.
+fn assert_pool_gone(env: &TestEnv) {
+    assert_eq!(slots(env), Vec::<Value>::new(), "no slot may be left");
+    assert_eq!(
+        env.containers(),
+        Vec::<String>::new(),
+        "no container may be left"
+    );
+    assert_eq!(
+        pool_dirs(env),
+        Vec::<PathBuf>::new(),
+        "no slot directory may be left"
+    );
+    assert!(
+        env.port_ledger().is_empty(),
+        "no port may stay reserved: {:?}",
+        env.port_ledger()
+    );
+}
+
+fn commit_file(env: &TestEnv, file: &str, contents: &str) -> String {
+    fs::write(env.repo.join(file), contents).unwrap();
+    env.git(["add", file]);
+    env.git(["commit", "-q", "-m", file]);
+    env.head()
+}
+
+#[test]
+fn a_task_from_the_pool_is_the_task_a_cold_start_makes() {
+    let env = TestEnv::new("pool-same");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&pool_of_one("30400-30409"));
+    env.output(["pool", "fill"]).expect_code(0);
+    let before = ready_slots(&env);
+    assert_eq!(before.len(), 1, "{before:?}");
+    let slot = before[0]["slot"].as_str().unwrap().to_owned();
+
+    // The base moves on after the slot was made: the task still starts from the new tip.
+    let tip = commit_file(&env, "later.txt", "later\n");
+    let script = "echo task=$AGENTBOX_TASK; echo greeting=$GREETING; echo port=$AGENTBOX_PORT_API; \
+                  echo host_port=$AGENTBOX_HOST_PORT_API; cat later.txt; echo pwd=$(pwd); \
+                  echo head=$(git rev-parse --abbrev-ref HEAD); echo dirty=$(git status --porcelain | wc -l); \
+                  grep -c '^GREETING=hello t$' .env.agentbox; echo work > work.txt";
+    let out = env.output(["run", "t", "--", "sh", "-c", script]);
+    out.expect_code(0);
+    out.expect_stderr_contains("agentbox: the task's sandbox comes from the pool");
+    let lines = out.stdout_lines();
+    for expected in [
+        "task=t",
+        "greeting=hello t",
+        "port=8080",
+        "later",
+        "head=agentbox/t",
+        "dirty=0",
+        "1",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == expected),
+            "{expected:?} missing\n{out}"
+        );
+    }
+    let host_port = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("host_port="))
+        .unwrap_or_else(|| panic!("no host port\n{out}"));
+    assert!(
+        out.stderr
+            .contains(&format!("http://127.0.0.1:{host_port}")),
+        "the run names the task's host port\n{out}"
+    );
+    // The container sees the worktree at the path it has on the host (the slot's).
+    let pwd = lines.iter().find_map(|l| l.strip_prefix("pwd=")).unwrap();
+    assert_eq!(
+        PathBuf::from(pwd),
+        env.worktree_root().join(format!(".pool-{slot}")),
+        "{out}"
+    );
+
+    env.assert_snapshot_holds("t", "work.txt", "work\n");
+    assert_eq!(
+        env.rev("agentbox/t^").as_deref(),
+        Some(tip.as_str()),
+        "the task starts at the base's tip"
+    );
+    assert!(
+        fs::symlink_metadata(env.worktree_path("t")).is_err(),
+        "the link at the task's worktree path goes with the task"
+    );
+
+    // The pool is back at its size with a new slot, at the new tip; the taken one is gone.
+    let after = wait_for_pool(&env, 1);
+    assert_ne!(
+        after[0]["slot"],
+        slot.as_str(),
+        "a slot never serves two tasks"
+    );
+    assert_eq!(after[0]["base_commit"], tip.as_str());
+    assert!(
+        !pool_dirs(&env)
+            .iter()
+            .any(|p| p.to_string_lossy().contains(&slot)),
+        "the taken slot's directories are gone: {:?}",
+        pool_dirs(&env)
+    );
+    assert_eq!(
+        env.containers().len(),
+        1,
+        "only the new slot's container is left"
+    );
+    assert_eq!(env.port_ledger().len(), 1, "only the new slot holds a port");
+
+    let out = env.output(["pool", "drain"]);
+    out.expect_code(0);
+    assert_pool_gone(&env);
+}
+
+#[test]
+fn a_pooled_task_is_stopped_gracefully_and_carries_its_name() {
+    let env = TestEnv::new("pool-stop");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&pool_of_one("30410-30419"));
+    env.output(["pool", "fill"]).expect_code(0);
+    let mut run = env.spawn([
+        "run",
+        "g",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo term > term.txt; exit 3' TERM; echo ready; while :; do sleep 0.1; done",
+    ]);
+    run.wait_for_line("ready");
+    let names = docker_names(&env);
+    let own = format!("agentbox-{}-g", env.repo_id());
+    assert!(
+        names.contains(&own),
+        "the slot's container took the task's name: {names:?}"
+    );
+    assert!(
+        fs::symlink_metadata(env.worktree_path("g")).is_ok_and(|m| m.file_type().is_symlink()),
+        "the task's usual worktree path leads to its worktree"
+    );
+    run.signal(Signal::INT);
+    let out = run.wait();
+    out.expect_stderr_contains("stopping the task gracefully");
+    env.assert_snapshot_holds("g", "term.txt", "term\n");
+
+    wait_for_pool(&env, 1);
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+}
+
+fn docker_names(env: &TestEnv) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "--filter", &format!("label=agentbox.test={}", env.id)])
+        .args(["--format", "{{.Names}}"])
+        .output()
+        .unwrap();
+    lines(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn a_pooled_task_whose_supervisor_is_killed_keeps_its_work() {
+    let env = TestEnv::new("pool-kill");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&pool_of_one("30420-30429"));
+    env.output(["pool", "fill"]).expect_code(0);
+    let mut run = env.spawn([
+        "run",
+        "k",
+        "--",
+        "sh",
+        "-c",
+        "echo wip > wip.txt; echo ready; exec sleep 300",
+    ]);
+    run.wait_for_line("ready");
+    run.signal(Signal::KILL);
+    assert_eq!(run.wait().code(), None);
+
+    env.output(["gc"]).expect_code(0);
+    env.assert_snapshot_holds("k", "wip.txt", "wip\n");
+    assert!(fs::symlink_metadata(env.worktree_path("k")).is_err());
+    let state = env.ls_task("k").map(|t| t["state"].clone());
+    assert_eq!(
+        state,
+        Some(Value::from("recovered")),
+        "gc finished the task"
+    );
+
+    wait_for_pool(&env, 1);
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+}
+
+#[test]
+fn a_slot_whose_maker_is_killed_is_removed_by_gc() {
+    let env = TestEnv::new("pool-maker");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&pool_of_one("30430-30439"));
+    let fill = env.spawn(["pool", "fill", "3"]);
+    // Killed wherever it is: while making the first slot, or a later one.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !slots(&env).iter().any(|s| s["state"] == "creating") {
+        assert!(Instant::now() < deadline, "no slot was ever being made");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fill.signal(Signal::KILL);
+    fill.wait();
+
+    env.output(["gc"]).expect_code(0);
+    assert!(
+        slots(&env).iter().all(|s| s["state"] == "ready"),
+        "gc removes dead slots and keeps ready ones: {:?}",
+        slots(&env)
+    );
+    assert_eq!(
+        env.containers().len(),
+        ready_slots(&env).len(),
+        "a container for each ready slot and none else"
+    );
+    assert_eq!(pool_dirs(&env).len(), 3 * ready_slots(&env).len());
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+}
+
+#[test]
+fn tasks_the_pool_does_not_fit_start_cold_and_leave_it_alone() {
+    let env = TestEnv::new("pool-misfit");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&pool_of_one("30440-30449"));
+    env.output(["pool", "fill"]).expect_code(0);
+    let slot = ready_slots(&env)[0]["slot"].clone();
+
+    for args in [
+        vec!["run", "m", "--memory", "300m", "--", "true"],
+        vec!["run", "n", "--no-pool", "--", "true"],
+    ] {
+        let out = env.output(&args);
+        out.expect_code(0);
+        assert!(
+            !out.stderr.contains("comes from the pool"),
+            "{args:?} starts cold\n{out}"
+        );
+    }
+    let after = wait_for_pool(&env, 1);
+    assert_eq!(after[0]["slot"], slot, "the slot waits for a task it fits");
+
+    // A service whose environment names the task cannot be made before the task exists.
+    env.write_config(&format!(
+        "{}\n[services.db]\nimage = \"{IMAGE}\"\ncommand = \"sleep 300\"\nenv = {{ NAME = \"db-${{task}}\" }}\n",
+        pool_of_one("30440-30449")
+    ));
+    let out = env.output(["pool", "fill"]);
+    out.expect_code(125);
+    out.expect_stderr_contains("[services.db.env] NAME names the task");
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+}
