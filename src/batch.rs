@@ -203,6 +203,8 @@ pub enum BatchEvent {
         worktree: PathBuf,
         container_id: String,
         ports: BTreeMap<String, PortMapping>,
+        /// The sandbox was a warm pool slot's.
+        from_pool: bool,
     },
     Started {
         task: String,
@@ -420,13 +422,14 @@ async fn forward(
                 container_id,
                 worktree,
                 ports,
-                from_pool: _,
+                from_pool,
             } => BatchEvent::Created {
                 task: task.clone(),
                 branch: name.branch(),
                 worktree,
                 container_id,
                 ports,
+                from_pool,
             },
             RunEvent::Started { .. } => {
                 started = true;

@@ -360,3 +360,120 @@ fn tasks_the_pool_does_not_fit_start_cold_and_leave_it_alone() {
     env.output(["pool", "drain"]).expect_code(0);
     assert_pool_gone(&env);
 }
+
+#[test]
+fn a_pooled_task_reaches_its_services_which_take_its_name() {
+    ensure_tools_image();
+    let env = TestEnv::new("pool-services");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&format!(
+        "image = \"{TOOLS_IMAGE}\"\n{}\n[services.db]\nimage = \"{TOOLS_IMAGE}\"\n\
+         command = [\"sh\", \"-c\", \"echo db-ok > /tmp/i.html; exec busybox httpd -f -p 80 -h /tmp\"]\n",
+        pool_of_one("30450-30459")
+    ));
+    env.output(["pool", "fill"]).expect_code(0);
+    assert_eq!(
+        env.networks().len(),
+        1,
+        "a slot with services has a network of its own"
+    );
+    let script = format!(
+        "i=0; until answer=$(busybox wget -qO- http://db/i.html 2>/dev/null); do \
+           i=$((i + 1)); [ \"$i\" -lt 400 ] || {{ echo db-unreachable; exit 4; }}; busybox sleep 0.05; done; \
+         echo \"$answer\"; echo ready; {}",
+        wait_for_release()
+    );
+    let mut run = env.spawn(["run", "s", "--", "sh", "-c", &script]);
+    run.wait_for_line("ready");
+    let names = docker_names(&env);
+    let task_container = format!("agentbox-{}-s", env.repo_id());
+    for name in [task_container.clone(), format!("{task_container}-db")] {
+        assert!(names.contains(&name), "{name} runs: {names:?}");
+    }
+    env.release("s");
+    let out = run.wait();
+    out.expect_code(0);
+    out.expect_stderr_contains("comes from the pool");
+    assert_eq!(out.stdout_lines(), ["db-ok", "ready"], "{out}");
+
+    // The task's services and network went with it; the new slot has its own.
+    wait_for_pool(&env, 1);
+    assert_eq!(
+        env.containers().len(),
+        2,
+        "the new slot's container and its service"
+    );
+    assert_eq!(env.networks().len(), 1, "the new slot's network");
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+    assert_eq!(env.networks(), Vec::<String>::new());
+}
+
+#[test]
+fn a_batch_takes_what_the_pool_has_and_starts_the_rest_cold() {
+    let env = TestEnv::new("pool-batch");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&pool_of_one("30460-30469"));
+    env.output(["pool", "fill", "2"]).expect_code(0);
+    let tasks = env.root.join("tasks.toml");
+    fs::write(
+        &tasks,
+        "[[task]]\nname = \"a\"\ncommand = \"echo a > a.txt\"\n\n\
+         [[task]]\nname = \"b\"\ncommand = \"echo b > b.txt\"\n\n\
+         [[task]]\nname = \"c\"\ncommand = \"echo c > c.txt\"\n",
+    )
+    .unwrap();
+    let out = env.output(["batch".as_ref(), tasks.as_os_str(), "--json".as_ref()]);
+    out.expect_code(0);
+    let from_pool: Vec<bool> = out
+        .stdout_lines()
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["event"] == "created")
+        .map(|e| e["from_pool"].as_bool().expect("created says from_pool"))
+        .collect();
+    assert_eq!(from_pool.len(), 3, "{out}");
+    assert_eq!(
+        from_pool.iter().filter(|p| **p).count(),
+        2,
+        "two tasks take the two slots, one starts cold\n{out}"
+    );
+    for task in ["a", "b", "c"] {
+        env.assert_snapshot_holds(task, &format!("{task}.txt"), &format!("{task}\n"));
+    }
+    // `[pool] size` is 1: the refill after the batch makes one.
+    wait_for_pool(&env, 1);
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+}
+
+#[test]
+fn a_pooled_task_sees_no_other_slot() {
+    let env = TestEnv::new("pool-apart");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&pool_of_one("30470-30479"));
+    env.output(["pool", "fill", "2"]).expect_code(0);
+    let root = env.worktree_root();
+    let script = format!(
+        "ls -A {}; ls -A \"$(dirname \"$(git rev-parse --git-dir)\")\"",
+        root.display()
+    );
+    let out = env.output(["run", "p", "--", "sh", "-c", &script]);
+    out.expect_code(0);
+    out.expect_stderr_contains("comes from the pool");
+    let seen = out.stdout_lines();
+    assert_eq!(
+        seen.len(),
+        2,
+        "one worktree and one git dir, its own\n{out}"
+    );
+    assert!(seen.iter().all(|name| name.starts_with(".pool-")), "{out}");
+    assert_eq!(
+        seen[0], seen[1],
+        "the slot's own worktree and git dir\n{out}"
+    );
+    // One slot is left, and `[pool] size` is 1: the refill makes none.
+    wait_for_pool(&env, 1);
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+}

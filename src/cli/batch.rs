@@ -9,7 +9,7 @@ use anstyle::{AnsiColor, Style};
 use tokio::sync::{mpsc, watch};
 
 use super::signals::forward_signals;
-use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, default_user, labels};
+use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, labels};
 
 /// Run the tasks of a task file in parallel, their output multiplexed
 #[derive(Debug, clap::Args)]
@@ -61,24 +61,18 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
     let requests: Vec<RunRequest> = tasks
         .iter()
         .map(|task| {
-            let base =
-                RunRequest::from_config(task.name.clone(), &config, ws.repo.workdir.as_deref());
-            let mut request = RunRequest {
-                host_env: context.env.vars.clone(),
+            let request = RunRequest {
                 labels: labels.clone(),
-                user: Some(default_user()),
                 stop_timeout: Duration::from_secs(args.stop_timeout),
                 keep_branch: args.keep_branch,
                 // Each teardown returns once the work is safe; directories go in the background.
                 defer_deletion: true,
-                ..base
+                ..context.default_request(task.name.clone(), &config, &ws)
             };
-            if request.limits.memory_bytes.is_none() {
-                request.limits.memory_bytes = context.env.total_memory.map(|total| total / 2);
-            }
             task.apply(request)
         })
         .collect();
+    let pooled = requests.iter().any(|r| r.use_pool);
     let parallel = args
         .parallel
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, usize::from));
@@ -114,6 +108,14 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
     .await;
     let _ = renderer.await;
     signals.abort();
+    if pooled {
+        // The slots the batch took are replaced in the background.
+        super::pool::refill_in_background(
+            &context.start_dir(),
+            &labels,
+            &agentbox::pool::refill_log(&ws),
+        );
+    }
 
     if let Some(dir) = &args.artifacts {
         let dir = context.env.current_dir.join(dir);

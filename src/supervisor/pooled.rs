@@ -3,7 +3,7 @@
 
 use super::{RunError, SetupFailure, Supervised, ZERO_ID, fill_worktree};
 use crate::pool::{self, Slot, SlotClaim};
-use crate::runtime::{ExecSpec, Sandbox, wrap_with_setup};
+use crate::runtime::{ExecSpec, REPO_LABEL, SERVICE_LABEL, Sandbox, wrap_with_setup};
 
 /// Where the command's pid is kept inside the container, for a graceful stop.
 const PID_FILE: &str = "/tmp/.agentbox-command.pid";
@@ -71,14 +71,36 @@ impl Supervised<'_> {
         // The container takes the task's name, as a cold start would give it; a name still taken
         // (a leftover of an earlier run) leaves it the slot's name, which the record then says.
         let renamed = async {
-            match &slot.container {
-                Some(container) => self
-                    .runtime
-                    .rename_container(container, &self.record.container_name)
-                    .await
-                    .is_ok(),
-                None => false,
+            let Some(container) = &slot.container else {
+                return false;
+            };
+            let task_container = &self.record.container_name;
+            let renamed = self
+                .runtime
+                .rename_container(container, task_container)
+                .await
+                .is_ok();
+            // Its services too, as a cold start names them (`<container>-<service>`); a name
+            // is only a name, so a failure is not one.
+            let labels = [
+                format!("{REPO_LABEL}={}", self.ws.repo_id),
+                format!("{}={}", pool::POOL_LABEL, slot.id),
+                SERVICE_LABEL.to_owned(),
+            ];
+            for service in self
+                .runtime
+                .find_containers(&labels)
+                .await
+                .unwrap_or_default()
+            {
+                if let Some(name) = service.labels.get(SERVICE_LABEL) {
+                    let _ = self
+                        .runtime
+                        .rename_container(&service.id, &format!("{task_container}-{name}"))
+                        .await;
+                }
             }
+            renamed
         };
         let (branch, prepared, renamed) = tokio::join!(branch, prepared, renamed);
         if !renamed {
