@@ -197,7 +197,7 @@ impl TestEnv {
     // ---- the binary -------------------------------------------------------------------------------
 
     /// `agentbox <args>` with a cleared, hermetic environment, run in the repository. For `run`,
-    /// `--label agentbox.test=<id>` is inserted right after the subcommand.
+    /// `batch` and `queue`, `--label agentbox.test=<id>` is inserted right after the subcommand.
     pub fn agentbox<I, S>(&self, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
@@ -216,7 +216,11 @@ impl TestEnv {
         let subcommand = args
             .iter()
             .take_while(|a| a.as_os_str() != "--")
-            .position(|a| a.as_os_str() == "run" || a.as_os_str() == "batch");
+            .position(|a| {
+                ["run", "batch", "queue"]
+                    .iter()
+                    .any(|s| a.as_os_str() == *s)
+            });
         if let Some(pos) = subcommand {
             args.insert(pos + 1, "--label".into());
             args.insert(pos + 2, format!("{TEST_LABEL}={}", self.id).into());
