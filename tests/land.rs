@@ -686,3 +686,91 @@ fn hooks_run_only_when_asked_and_may_refuse() {
     env.output(["merge", "h"]).expect_code(0);
     assert!(!marker.exists(), "hooks do not run unless asked");
 }
+
+/// The commands of the README's worked example of landing.
+fn land_example_commands() -> Vec<String> {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (_, after) = readme
+        .split_once("<!-- land-example -->")
+        .expect("the README marks its landing example");
+    let block = after
+        .split_once("```console\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .map(|(block, _)| block)
+        .expect("a console block follows the marker");
+    block
+        .lines()
+        .filter_map(|l| l.strip_prefix("$ "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_readme_landing_example_runs_as_written() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    let env = TestEnv::new("land-readme");
+    let commands = land_example_commands();
+    assert!(commands.len() >= 8, "{commands:?}");
+    let bin = env.root.join("bin");
+    fs::create_dir(&bin).unwrap();
+    let wrapper = bin.join("agentbox");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in run|batch|queue) sub=$1; shift; exec '{exe}' \"$sub\" --label {TEST_LABEL}={id} \"$@\";; esac\nexec '{exe}' \"$@\"\n",
+            exe = env!("CARGO_BIN_EXE_agentbox"),
+            id = env.id
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
+    );
+    for line in &commands {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(line)
+            .current_dir(&env.repo)
+            .env_clear()
+            .env("PATH", &path)
+            .env("HOME", &env.home)
+            .env("XDG_STATE_HOME", &env.state_home)
+            .env("GIT_CONFIG_GLOBAL", &env.gitconfig)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .stdin(Stdio::null());
+        if let Some(host) = std::env::var_os("DOCKER_HOST") {
+            cmd.env("DOCKER_HOST", host);
+        }
+        let out = output_of(cmd);
+        out.expect_code(0);
+        if line.starts_with("agentbox conflicts") {
+            assert_eq!(
+                out.stdout_lines(),
+                ["add-auth <-> add-cache: config.txt"],
+                "{out}"
+            );
+        }
+        if line.starts_with("agentbox queue") {
+            assert_eq!(
+                out.stdout_lines().last().unwrap(),
+                "queue exited 1",
+                "{out}"
+            );
+        }
+    }
+    assert_eq!(
+        env.file_at("main", "config.txt").as_deref(),
+        Some("debug: off\nauth: on\ncache: on\n")
+    );
+    assert_eq!(
+        env.file_at("main", "USAGE.md").as_deref(),
+        Some("Run it with make.\n")
+    );
+    assert_eq!(env.git(["status", "--porcelain"]), "");
+    assert_eq!(env.containers(), Vec::<String>::new());
+}
