@@ -227,6 +227,14 @@ pub enum BatchEvent {
         task: String,
         result: TaskResult,
     },
+    /// A task that finished conflicts with one that finished before it: landing both would need
+    /// the conflict in `files` resolved.
+    Conflict {
+        task: String,
+        /// The task that finished earlier.
+        other: String,
+        files: Vec<String>,
+    },
     /// The batch is over.
     Summary {
         exit_code: i64,
@@ -303,8 +311,25 @@ pub async fn run(
         });
     }
     let mut results: Vec<(usize, TaskResult)> = Vec::new();
+    // Best effort: a git too old to predict conflicts, or a prediction that fails, says nothing.
+    let mut conflicts = crate::land::conflicts::Watch::new(ws).await;
     while let Some(joined) = running.join_next().await {
-        results.push(joined.expect("a batch task does not panic"));
+        let (position, result) = joined.expect("a batch task does not panic");
+        if let Some(watch) = conflicts.as_mut()
+            && let Some(branch) = &result.branch
+            && let Ok(Some(tip)) = ws.repo.branch_tip(branch)
+            && let Ok(found) = watch.finished(&result.task, tip).await
+        {
+            for (other, files) in found {
+                let conflict = BatchEvent::Conflict {
+                    task: result.task.clone(),
+                    other,
+                    files,
+                };
+                let _ = events.send(Timed::now(conflict)).await;
+            }
+        }
+        results.push((position, result));
     }
     results.sort_by_key(|(position, _)| *position);
     let results: Vec<TaskResult> = results.into_iter().map(|(_, r)| r).collect();

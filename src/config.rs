@@ -286,6 +286,11 @@ pub struct ProjectConfig {
     /// starting from the base commit, would not see), instead of saying so.
     #[serde(default)]
     pub refuse_dirty_checkout: bool,
+    /// What `agentbox queue` runs in a task's box before it lands (`cargo test`); a string runs
+    /// under `sh -c`.
+    pub check: Option<CommandSpec>,
+    /// How `agentbox queue` puts a task on top of the target: `rebase` (the default) or `merge`.
+    pub queue_strategy: Option<crate::land::queue::Strategy>,
     #[serde(default)]
     pub pool: PoolConfig,
 }
@@ -586,6 +591,8 @@ copy = [".env", "config/local.yml"]
 setup = ["npm ci"]
 port_range = "30000-30099"
 env_file_name = ".env.task"
+check = "cargo test"
+queue_strategy = "merge"
 
 [ports]
 web = 3000
@@ -617,6 +624,14 @@ command = ["postgres", "-c", "fsync=off"]
             ["postgres", "-c", "fsync=off"]
         );
         assert_eq!(config.copy, [".env", "config/local.yml"]);
+        assert_eq!(
+            config.check.as_ref().unwrap().argv(),
+            ["sh", "-c", "cargo test"]
+        );
+        assert_eq!(
+            config.queue_strategy,
+            Some(crate::land::queue::Strategy::Merge)
+        );
     }
 
     #[test]
@@ -649,6 +664,7 @@ command = ["postgres", "-c", "fsync=off"]
             "[limits]\nmemory = \"lots\"",
             "[limits]\ncpus = 0",
             "port_range = \"3-1\"",
+            "queue_strategy = \"squash\"",
         ] {
             assert!(
                 ProjectConfig::parse(text, path()).is_err(),

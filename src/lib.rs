@@ -14,6 +14,7 @@ pub mod environment;
 pub mod fs_guard;
 pub mod git;
 pub mod inspect;
+pub mod land;
 pub mod output;
 pub mod pool;
 pub mod ports;

@@ -278,6 +278,14 @@ async fn render_text(
                 };
                 (true, format!("{}{message}", palette.prefix(&task)))
             }
+            BatchEvent::Conflict { task, other, files } => (
+                true,
+                format!(
+                    "{}agentbox: warning: conflicts with task {other} (finished earlier) in {}",
+                    palette.prefix(&task),
+                    files.join(", ")
+                ),
+            ),
             BatchEvent::Created { .. } | BatchEvent::Summary { .. } => continue,
         };
         let mut stderr = std::io::stderr().lock();

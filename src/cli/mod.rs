@@ -1,8 +1,10 @@
 //! The command line: parse arguments, call the library, render its results and map its errors to
 //! exit codes. Every subcommand lives in a file of its own.
 
+mod apply;
 mod attach;
 mod batch;
+mod conflicts;
 mod detach;
 mod diff;
 mod env;
@@ -10,9 +12,12 @@ mod gc;
 mod image;
 mod logs;
 mod ls;
+mod merge;
 mod pool;
 mod ports;
 mod purge;
+mod queue;
+mod review;
 mod rm;
 mod run;
 mod signals;
@@ -64,6 +69,11 @@ enum Command {
     Wait(wait::Args),
     Attach(attach::Args),
     Gc(gc::Args),
+    Review(review::Args),
+    Merge(merge::Args),
+    Apply(apply::Args),
+    Conflicts(conflicts::Args),
+    Queue(queue::Args),
     Image(image::Args),
     Pool(pool::Args),
     #[command(hide = true)]
@@ -219,6 +229,11 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
         Command::Wait(args) => wait::wait(&context, args).await,
         Command::Attach(args) => attach::attach(&context, args).await,
         Command::Gc(args) => gc::gc(&context, args).await,
+        Command::Review(args) => review::review(&context, args).await,
+        Command::Merge(args) => merge::merge(&context, args).await,
+        Command::Apply(args) => apply::apply(&context, args).await,
+        Command::Conflicts(args) => conflicts::conflicts(&context, args).await,
+        Command::Queue(args) => queue::queue(&context, args).await,
         Command::Image(args) => image::image(args).await,
         Command::Pool(args) => pool::pool(&context, args).await,
         Command::Purge(args) => purge::purge(&context, args).await,

@@ -75,6 +75,15 @@ pub struct Output {
     pub stdout: Vec<u8>,
 }
 
+/// Output of a git command whose exit code is an answer (`merge-tree` exits 1 on conflicts).
+#[derive(Debug)]
+pub struct Finished {
+    /// The exit code; `None` when git was killed by a signal.
+    pub code: Option<i32>,
+    pub stdout: Vec<u8>,
+    pub stderr: String,
+}
+
 impl Output {
     /// stdout as text without its trailing newline.
     pub fn text(&self) -> String {
@@ -159,6 +168,56 @@ impl Git {
         git
     }
 
+    /// Commands that work on objects alone (merges computed with `merge-tree`, commits made with
+    /// `commit-tree`, logs and diffs between commits), through a bare git dir agentbox made: its
+    /// configuration is agentbox's (so no merge, diff or filter driver is configured for any
+    /// attribute to select), no system or global configuration is read, no attributes file but the
+    /// tree named with [`with_attr_source`](Self::with_attr_source), and no work tree or index is
+    /// involved. New objects go to `objects`; `alternates` are read.
+    pub fn isolated(git_dir: &Path, objects: &Path, alternates: &[&Path]) -> Self {
+        let alternates = std::env::join_paths(alternates).unwrap_or_default();
+        let env = vec![
+            ("GIT_DIR".into(), git_dir.as_os_str().to_owned()),
+            (
+                "GIT_OBJECT_DIRECTORY".into(),
+                objects.as_os_str().to_owned(),
+            ),
+            ("GIT_ALTERNATE_OBJECT_DIRECTORIES".into(), alternates),
+            ("GIT_CONFIG_NOSYSTEM".into(), "1".into()),
+            ("GIT_CONFIG_GLOBAL".into(), "/dev/null".into()),
+            ("GIT_ATTR_NOSYSTEM".into(), "1".into()),
+            ("GIT_NO_REPLACE_OBJECTS".into(), "1".into()),
+        ];
+        let mut config: Vec<String> = ALWAYS.iter().map(|c| (*c).to_owned()).collect();
+        config.extend(
+            [
+                "core.attributesFile=/dev/null",
+                "core.commitGraph=false",
+                "core.quotePath=false",
+            ]
+            .map(str::to_owned),
+        );
+        Self {
+            dir: git_dir.to_owned(),
+            env,
+            config,
+            timeout: Some(GUARDED_TIMEOUT),
+        }
+    }
+
+    /// Reads `.gitattributes` from `tree` (a commit or tree) instead of an index or a work tree
+    /// (`GIT_ATTR_SOURCE`, git 2.41 and newer; older gits read none from a bare git dir).
+    pub fn with_attr_source(self, tree: &str) -> Self {
+        self.with_env("GIT_ATTR_SOURCE", tree)
+    }
+
+    /// Runs the repository's own hooks (`core.hooksPath` as configured, else `hooks/`): only where
+    /// the user asked for them.
+    pub fn with_repository_hooks(mut self) -> Self {
+        self.config.retain(|c| c != "core.hooksPath=/dev/null");
+        self
+    }
+
     /// Adds `key=value` configuration for every command.
     pub fn with_config(mut self, entry: impl Into<String>) -> Self {
         self.config.push(entry.into());
@@ -233,6 +292,21 @@ impl Git {
         unreachable!("the retry loop returns")
     }
 
+    /// Runs git once and returns its exit code with its output, whatever the code: for commands
+    /// whose failure is an answer.
+    pub async fn run_unchecked(
+        &self,
+        args: &[&str],
+        input: Option<&[u8]>,
+    ) -> Result<Finished, GitError> {
+        let out = self.run_once(args, input).await?;
+        Ok(Finished {
+            code: out.status.code(),
+            stdout: out.stdout,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+
     async fn run_once(
         &self,
         args: &[&str],
@@ -265,6 +339,32 @@ impl Git {
     }
 }
 
+/// The version of the git on `PATH`, as `(major, minor)`.
+pub async fn version() -> Result<(u32, u32), GitError> {
+    let out = Command::new("git")
+        .arg("version")
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(GitError::Spawn)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_version(&text).ok_or_else(|| GitError::Command {
+        args: "version".into(),
+        dir: PathBuf::from("."),
+        stderr: format!("cannot read a version in {:?}", text.trim()),
+    })
+}
+
+/// `git version 2.47.3` -> `(2, 47)`.
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let number = text.trim().strip_prefix("git version ")?;
+    let mut parts = number.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// Another git process held a lock file. (A ref that moved under a compare-and-swap update also
 /// says "cannot lock ref", but that is an answer, not contention.)
 fn is_lock_contention(stderr: &str) -> bool {
@@ -274,6 +374,14 @@ fn is_lock_contention(stderr: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_git_versions() {
+        assert_eq!(parse_version("git version 2.47.3\n"), Some((2, 47)));
+        assert_eq!(parse_version("git version 2.39.2.windows.1"), Some((2, 39)));
+        assert_eq!(parse_version("git version 3.0"), Some((3, 0)));
+        assert_eq!(parse_version("hub version 2.14"), None);
+    }
 
     #[test]
     fn recognises_lock_contention() {

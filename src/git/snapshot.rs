@@ -9,7 +9,7 @@
 //! *left out*, and the caller keeps the worktree so that nothing is lost.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -113,21 +113,50 @@ pub async fn snapshot(
     })
 }
 
-/// The diff of the worktree as it is now (committed or not) against `base`, without touching the
-/// repository: the objects this writes go into the scratch git dir.
-pub async fn live_diff(
+/// Where the objects of a live tree go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveObjects {
+    /// The scratch git dir's `diff-objects`, which borrows the repository's objects: nothing of
+    /// the repository changes (a diff, a conflict prediction).
+    Scratch,
+    /// The repository's own object directory, as a snapshot's: for work that will be kept there.
+    Repository,
+}
+
+/// The worktree of a task as it is now, committed or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveTree {
+    /// The tip of the task's branch the tree was staged on top of.
+    pub tip: gix::ObjectId,
+    pub tree: gix::ObjectId,
+    /// Where the tree's new objects are (it borrows the repository's objects).
+    pub objects: PathBuf,
+    /// Files too large to take, left out of the tree.
+    pub left_out: Vec<LeftOut>,
+}
+
+/// The worktree as it is now (committed or not) as a tree, without touching the task's git dir,
+/// its worktree or (with [`LiveObjects::Scratch`]) the repository. Git runs with agentbox's
+/// scratch git dir, never the task's.
+pub async fn live_tree(
     repo: &Repo,
     dirs: &TaskDirs,
-    base: &str,
-    stat: bool,
     staging: &Staging<'_>,
-) -> Result<Vec<u8>, GitError> {
+    into: LiveObjects,
+) -> Result<LiveTree, GitError> {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let index = dirs
         .scratch
-        .join(format!("index.diff-{}", std::process::id()));
-    let objects = dirs.scratch.join("diff-objects");
+        .join(format!("index.live-{}-{call}", std::process::id()));
     let host_objects = repo.objects_dir();
-    let alternates = [host_objects.as_path()];
+    let (objects, alternates) = match into {
+        LiveObjects::Scratch => (
+            dirs.scratch.join("diff-objects"),
+            vec![host_objects.as_path()],
+        ),
+        LiveObjects::Repository => (host_objects.clone(), Vec::new()),
+    };
     let git = Git::guarded(&GuardedPaths {
         git_dir: &dirs.scratch,
         work_tree: &dirs.worktree,
@@ -137,11 +166,38 @@ pub async fn live_diff(
     });
     let staged = stage(repo, dirs, &git, &index, staging).await;
     let _ = std::fs::remove_file(&index);
-    let (_, tree, _) = staged?;
+    let (tip, tree, left_out) = staged?;
+    let tree = tree.parse().map_err(|_| GitError::Read {
+        what: format!("the live tree of {}", dirs.branch),
+        repo: repo.repo_dir.clone(),
+        reason: format!("`git write-tree` printed {tree:?}"),
+    })?;
+    Ok(LiveTree {
+        tip,
+        tree,
+        objects,
+        left_out,
+    })
+}
+
+/// The diff of the worktree as it is now (committed or not) against `base`, without touching the
+/// repository: the objects this writes go into the scratch git dir.
+pub async fn live_diff(
+    repo: &Repo,
+    dirs: &TaskDirs,
+    base: &str,
+    stat: bool,
+    staging: &Staging<'_>,
+) -> Result<Vec<u8>, GitError> {
+    let live = live_tree(repo, dirs, staging, LiveObjects::Scratch).await?;
+    let host_objects = repo.objects_dir();
+    let alternates = [host_objects.as_path()];
+    let git = Git::isolated(&dirs.scratch, &live.objects, &alternates);
     let mut args = vec!["diff", "--no-color", "--no-ext-diff", "--no-textconv"];
     if stat {
         args.push("--stat");
     }
+    let tree = live.tree.to_string();
     args.extend([base, tree.as_str()]);
     Ok(git.run(&args).await?.stdout)
 }

@@ -175,7 +175,7 @@ impl TaskDirs {
     /// Makes the dirs of a pool slot (no task has run in them) the dirs of a task's branch starting
     /// at `to`: the checkout moves from the slot's commit `from` to `to` writing only the files
     /// that differ, the git dir's branch and HEAD become `branch`'s, and its copy of the
-    /// repository's refs is brought up to date. The caller then moves the dirs to the task's paths.
+    /// repository's refs is brought up to date. The dirs keep their paths (see [`crate::pool`]).
     pub async fn retarget(
         &self,
         repo: &Repo,

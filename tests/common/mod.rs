@@ -197,7 +197,7 @@ impl TestEnv {
     // ---- the binary -------------------------------------------------------------------------------
 
     /// `agentbox <args>` with a cleared, hermetic environment, run in the repository. For `run`,
-    /// `--label agentbox.test=<id>` is inserted right after the subcommand.
+    /// `batch` and `queue`, `--label agentbox.test=<id>` is inserted right after the subcommand.
     pub fn agentbox<I, S>(&self, args: I) -> Command
     where
         I: IntoIterator<Item = S>,
@@ -217,7 +217,9 @@ impl TestEnv {
             .iter()
             .take_while(|a| a.as_os_str() != "--")
             .position(|a| {
-                a.as_os_str() == "run" || a.as_os_str() == "batch" || a.as_os_str() == "fill"
+                ["run", "batch", "queue", "fill"]
+                    .iter()
+                    .any(|s| a.as_os_str() == *s)
             });
         if let Some(pos) = subcommand {
             args.insert(pos + 1, "--label".into());

@@ -1,0 +1,776 @@
+//! From many branches to one, on real repositories (a clone and a bare one) and the real engine:
+//! `merge` in each mode, refusals that change nothing, `apply`, `review`, `conflicts` between
+//! running and finished tasks, the `queue` that checks each task in a box before it lands, and a
+//! hostile task whose `.gitattributes` asks the host to run its drivers.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+
+use common::*;
+use serde_json::Value;
+
+/// Runs tasks with `agentbox batch` (in parallel), each `(name, shell script)`; all must exit 0.
+fn tasks(env: &TestEnv, tasks: &[(&str, &str)]) {
+    let mut file = String::new();
+    for (name, script) in tasks {
+        file.push_str(&format!(
+            "[[task]]\nname = {name:?}\ncommand = {script:?}\n\n"
+        ));
+    }
+    let path = env.root.join(format!("tasks-{}.toml", tasks[0].0));
+    fs::write(&path, file).unwrap();
+    let out = env.output(["batch".as_ref(), path.as_os_str()]);
+    out.expect_code(0);
+}
+
+/// Every ref with its target.
+fn refs(env: &TestEnv) -> BTreeMap<String, String> {
+    env.git(["for-each-ref", "--format=%(refname) %(objectname)"])
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(n, id)| (n.to_owned(), id.to_owned()))
+        .collect()
+}
+
+/// Commits `contents` to `path` on main (in the seed for a bare repository, then fetched).
+fn commit_on_main(env: &TestEnv, path: &str, contents: &str) {
+    let dir = match env.kind {
+        RepoKind::Clone => env.repo.clone(),
+        RepoKind::Bare => env.root.join("seed"),
+    };
+    fs::write(dir.join(path), contents).unwrap();
+    env.git_in(&dir, ["add", path]);
+    env.git_in(
+        &dir,
+        ["commit", "-q", "-m", &format!("main changes {path}")],
+    );
+    if env.kind == RepoKind::Bare {
+        let seed = dir.display().to_string();
+        env.git(["fetch", "-q", &seed, "+main:main"]);
+    }
+}
+
+fn is_ancestor(env: &TestEnv, a: &str, b: &str) -> bool {
+    env.git_try(["merge-base", "--is-ancestor", a, b]).is_some()
+}
+
+/// Merge, squash, rebase and fast-forward, each landing one task on main.
+fn lands_in_each_mode(env: &TestEnv) {
+    tasks(
+        env,
+        &[
+            (
+                "m",
+                "echo m > m.txt && git add m.txt && git commit -qm 'add m'",
+            ),
+            (
+                "s",
+                "echo s1 > s.txt && git add s.txt && git commit -qm 's one' && echo s2 >> s.txt && git commit -qam 's two'",
+            ),
+            (
+                "r",
+                "echo r1 > r.txt && git add r.txt && git commit -qm 'r one' && echo r2 > r2.txt && git add r2.txt && git commit -qm 'r two'",
+            ),
+            (
+                "f",
+                "echo f > f.txt && git add f.txt && git commit -qm 'add f'",
+            ),
+        ],
+    );
+    let originals: BTreeMap<&str, String> = ["m", "s", "r", "f"]
+        .into_iter()
+        .map(|t| (t, env.rev(&format!("agentbox/{t}")).unwrap()))
+        .collect();
+
+    // Fast-forward first, while main has not moved since the tasks started.
+    let before = env.rev("main").unwrap();
+    env.output(["merge", "f", "--ff-only"]).expect_code(0);
+    assert_eq!(env.rev("main").unwrap(), originals["f"]);
+    assert!(is_ancestor(env, &before, "main"));
+
+    // A fast-forward is refused once main has commits the task does not.
+    let out = env.output(["merge", "m", "--ff-only"]);
+    out.expect_code(1)
+        .expect_stderr_contains("cannot fast-forward main to agentbox/m");
+    assert_eq!(env.rev("main").unwrap(), originals["f"]);
+
+    let out = env.output(["merge", "m"]);
+    out.expect_code(0)
+        .expect_stderr_contains("agentbox: landed task m on main");
+    let merge = env.rev("main").unwrap();
+    assert_eq!(
+        env.git(["rev-list", "--parents", "-n", "1", &merge])
+            .split(' ')
+            .count(),
+        3
+    );
+    assert_eq!(
+        env.show_format("main", "%s"),
+        "Merge branch 'agentbox/m' into main"
+    );
+    assert_eq!(env.file_at("main", "m.txt").as_deref(), Some("m\n"));
+
+    env.output(["merge", "s", "--squash"]).expect_code(0);
+    assert_eq!(
+        env.git(["rev-list", "--parents", "-n", "1", "main"])
+            .split(' ')
+            .count(),
+        2
+    );
+    let message = env.show_format("main", "%B");
+    assert!(
+        message.starts_with("Squashed task s (branch agentbox/s)"),
+        "{message}"
+    );
+    assert!(message.contains("* s one\n* s two"), "{message}");
+    assert_eq!(env.file_at("main", "s.txt").as_deref(), Some("s1\ns2\n"));
+
+    env.output(["merge", "r", "--rebase"]).expect_code(0);
+    assert_eq!(env.subjects("main~2..main"), ["r two", "r one"]);
+    assert_eq!(
+        env.show_format("main", "%an <%ae>"),
+        format!("{USER_NAME} <{USER_EMAIL}>")
+    );
+    assert!(
+        !is_ancestor(env, &originals["r"], "main"),
+        "rebased, not merged"
+    );
+
+    // Landing again finds nothing to do; every task's own branch is as it was.
+    let out = env.output(["merge", "m"]);
+    out.expect_code(0)
+        .expect_stderr_contains("task m is on main already");
+    for (task, tip) in &originals {
+        assert_eq!(&env.rev(&format!("agentbox/{task}")).unwrap(), tip);
+    }
+    // The target only moved forward.
+    assert!(is_ancestor(env, &before, "main"));
+}
+
+#[test]
+fn merge_lands_in_each_mode_in_a_clone_and_updates_its_clean_checkout() {
+    let env = TestEnv::new("land-modes");
+    lands_in_each_mode(&env);
+    // The checkout of main followed, clean.
+    assert_eq!(env.git(["status", "--porcelain"]), "");
+    for file in ["m.txt", "s.txt", "r.txt", "r2.txt", "f.txt"] {
+        assert!(env.repo.join(file).is_file(), "{file} checked out");
+    }
+}
+
+#[test]
+fn merge_lands_in_each_mode_in_a_bare_repository() {
+    let env = TestEnv::new_bare("land-modes-bare");
+    lands_in_each_mode(&env);
+    env.git_raw(["fsck", "--no-dangling"])
+        .expect("fsck is clean");
+}
+
+#[test]
+fn merge_refuses_a_dirty_checked_out_target_and_changes_nothing() {
+    let env = TestEnv::new("land-dirty");
+    tasks(
+        &env,
+        &[("t", "echo t > t.txt && git add t.txt && git commit -qm t")],
+    );
+    fs::write(env.repo.join("README.md"), "local edit\n").unwrap();
+    let before = refs(&env);
+    let out = env.output(["merge", "t"]);
+    out.expect_code(1).expect_stderr_contains(&format!(
+        "branch main is checked out in {} with uncommitted changes",
+        env.repo.display()
+    ));
+    assert_eq!(refs(&env), before);
+    assert_eq!(
+        fs::read_to_string(env.repo.join("README.md")).unwrap(),
+        "local edit\n"
+    );
+    assert!(!env.repo.join("t.txt").exists());
+    // Landing elsewhere is fine, and does not touch the checkout.
+    env.git(["branch", "release", "main"]);
+    env.output(["merge", "t", "--into", "release"])
+        .expect_code(0);
+    assert_eq!(env.file_at("release", "t.txt").as_deref(), Some("t\n"));
+    assert_eq!(env.rev("main"), before.get("refs/heads/main").cloned());
+    assert!(!env.repo.join("t.txt").exists());
+}
+
+#[test]
+fn a_conflict_leaves_everything_as_it_was_and_names_the_files() {
+    let env = TestEnv::new("land-conflict");
+    tasks(
+        &env,
+        &[(
+            "c",
+            "echo task > README.md && git commit -qam 'task readme'",
+        )],
+    );
+    commit_on_main(&env, "README.md", "main\n");
+    let before = refs(&env);
+    let status = env.git(["status", "--porcelain", "--untracked-files=all"]);
+    let index = fs::read(env.common_dir().join("index")).unwrap();
+    for mode in ["--squash", "--rebase", "--no-ff-placeholder"] {
+        let mut args = vec!["merge", "c"];
+        if mode != "--no-ff-placeholder" {
+            args.push(mode);
+        }
+        let out = env.output(&args);
+        out.expect_code(1).expect_stderr_contains(
+            "landing task c on main conflicts in README.md; nothing was changed",
+        );
+    }
+    assert_eq!(refs(&env), before);
+    assert_eq!(
+        env.git(["status", "--porcelain", "--untracked-files=all"]),
+        status
+    );
+    assert_eq!(fs::read(env.common_dir().join("index")).unwrap(), index);
+    assert_eq!(
+        fs::read_to_string(env.repo.join("README.md")).unwrap(),
+        "main\n"
+    );
+    assert_eq!(env.worktrees().len(), 1, "no worktree was left");
+    // apply is all or nothing too.
+    env.output(["apply", "c"])
+        .expect_code(1)
+        .expect_stderr_contains("conflicts in README.md");
+    assert_eq!(
+        env.git(["status", "--porcelain", "--untracked-files=all"]),
+        status
+    );
+}
+
+#[test]
+fn apply_puts_a_tasks_changes_into_the_checkout_uncommitted() {
+    let env = TestEnv::new("land-apply");
+    tasks(
+        &env,
+        &[(
+            "a",
+            "echo more >> README.md && echo new > new.txt && git add -A && git commit -qm a",
+        )],
+    );
+    let head = env.head();
+    let out = env.output(["apply", "a"]);
+    out.expect_code(0)
+        .expect_stderr_contains("2 files changed, staged and not committed");
+    assert_eq!(env.head(), head, "nothing was committed");
+    assert_eq!(
+        env.git(["diff", "--cached", "--name-only"]),
+        "README.md\nnew.txt"
+    );
+    assert_eq!(
+        fs::read_to_string(env.repo.join("README.md")).unwrap(),
+        "hello\nmore\n"
+    );
+    let bare = TestEnv::new_bare("land-apply-bare");
+    bare.output(["apply", "a"])
+        .expect_code(1)
+        .expect_stderr_contains("is a bare repository: apply needs a checkout");
+}
+
+#[test]
+fn review_shows_commits_and_diff_of_finished_and_running_tasks() {
+    let env = TestEnv::new("land-review");
+    tasks(
+        &env,
+        &[(
+            "done",
+            "echo one > one.txt && git add one.txt && git commit -qm 'add one'",
+        )],
+    );
+    let out = env.output(["review", "done"]);
+    out.expect_code(0);
+    assert!(
+        out.stdout.starts_with(
+            "task done (exited), branch agentbox/done: 1 commit, 1 file changed against main"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.stdout.contains("    add one\n") && out.stdout.contains("+one"),
+        "{out}"
+    );
+    assert!(!out.stdout.contains("\x1b["), "no colours off a terminal");
+    let json: Value =
+        serde_json::from_str(&env.output(["review", "done", "--json"]).stdout).unwrap();
+    assert_eq!(json["live"], false);
+    assert_eq!(json["commits"][0]["subject"], "add one");
+    assert_eq!(json["commits"][0]["files"][0]["path"], "one.txt");
+    assert_eq!(json["files"][0]["status"], "added");
+
+    let script = format!(
+        "echo c > committed.txt && git add . && git commit -qm committed && echo wip > wip.txt && echo ready && {}",
+        wait_for_release()
+    );
+    let mut run = env.spawn(["run", "live", "--", "sh", "-c", &script]);
+    run.wait_for_line("ready");
+    // The live import brings the commit over within a second; review reads the worktree anyway.
+    let json: Value =
+        serde_json::from_str(&env.output(["review", "live", "--json"]).stdout).unwrap();
+    assert_eq!(json["state"], "running");
+    assert_eq!(json["live"], true);
+    let files: Vec<&str> = json["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, ["committed.txt", "wip.txt"]);
+    assert!(
+        json["uncommitted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "wip.txt"),
+        "{json}"
+    );
+    let text = env.output(["review", "live"]).stdout;
+    assert!(
+        text.contains("Uncommitted in the worktree") && text.contains("+wip"),
+        "{text}"
+    );
+    env.release("live");
+    run.wait().expect_code(0);
+}
+
+#[test]
+fn conflicts_are_predicted_between_running_tasks_finished_branches_and_the_target() {
+    let env = TestEnv::new("land-conflicts");
+    // Finished: two overlapping branches, one disjoint.
+    tasks(
+        &env,
+        &[
+            ("fa", "echo fa > README.md && git commit -qam fa"),
+            ("fb", "echo fb > README.md && git commit -qam fb"),
+            (
+                "fc",
+                "echo fc > fc.txt && git add fc.txt && git commit -qm fc",
+            ),
+        ],
+    );
+    // Running: two with overlapping uncommitted edits, one disjoint.
+    let wait = wait_for_release();
+    let mut runs = Vec::new();
+    for (task, edit) in [
+        ("ra", "echo ra > shared.txt"),
+        ("rb", "echo rb > shared.txt"),
+        ("rc", "echo rc > rc.txt"),
+    ] {
+        let script = format!("{edit} && echo ready && {wait}");
+        let mut run = env.spawn(["run", task, "--", "sh", "-c", &script]);
+        run.wait_for_line("ready");
+        runs.push((task, run));
+    }
+    let before = refs(&env);
+    let objects = || env.git(["count-objects", "-v"]);
+    let objects_before = objects();
+
+    let out = env.output(["conflicts"]);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout_lines(),
+        ["fa <-> fb: README.md", "ra <-> rb: shared.txt"],
+        "{out}"
+    );
+    let out = env.output(["conflicts", "--json"]);
+    let lines: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(
+        lines[1],
+        serde_json::json!({"kind": "tasks", "task": "ra", "other": "rb", "files": ["shared.txt"]})
+    );
+    let summary = &lines[2];
+    assert_eq!(summary["kind"], "summary");
+    assert_eq!(summary["pairs"], 15);
+    assert_eq!(summary["targets"], 6);
+    let at: BTreeMap<&str, &str> = summary["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["task"].as_str().unwrap(), t["at"].as_str().unwrap()))
+        .collect();
+    assert_eq!(at["ra"], "live");
+    assert_eq!(at["fa"], "branch");
+    assert_eq!(
+        env.output(["conflicts", "fa", "fc", "rc"]).stdout,
+        "no conflicts\n"
+    );
+    // Nothing changed: no ref, no object of the repository, no worktree.
+    assert_eq!(refs(&env), before);
+    assert_eq!(objects(), objects_before);
+    assert_eq!(
+        fs::read_to_string(env.worktree_path("ra").join("shared.txt")).unwrap(),
+        "ra\n"
+    );
+
+    // Against a target that moved, the conflict is with the target.
+    commit_on_main(&env, "shared.txt", "main\n");
+    let out = env.output(["conflicts", "ra", "rc"]);
+    assert_eq!(out.stdout_lines(), ["ra -> main: shared.txt"], "{out}");
+    for (task, run) in runs {
+        env.release(task);
+        run.wait().expect_code(0);
+    }
+}
+
+#[test]
+fn batch_warns_when_a_finished_task_conflicts_with_an_earlier_one() {
+    let env = TestEnv::new("land-batch");
+    let path = env.root.join("tasks.toml");
+    fs::write(
+        &path,
+        "[[task]]\nname = \"one\"\ncommand = \"echo one > README.md\"\n\n[[task]]\nname = \"two\"\ncommand = \"sleep 1; echo two > README.md\"\n",
+    )
+    .unwrap();
+    let out = env.output([
+        "batch".as_ref(),
+        path.as_os_str(),
+        "--json".as_ref(),
+        "--parallel".as_ref(),
+        "1".as_ref(),
+    ]);
+    out.expect_code(0);
+    let conflict: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["event"] == "conflict")
+        .collect();
+    assert_eq!(conflict.len(), 1, "{out}");
+    assert_eq!(conflict[0]["task"], "two");
+    assert_eq!(conflict[0]["other"], "one");
+    assert_eq!(conflict[0]["files"], serde_json::json!(["README.md"]));
+    let text = env.output([
+        "batch".as_ref(),
+        path.as_os_str(),
+        "--parallel".as_ref(),
+        "1".as_ref(),
+    ]);
+    // Run again: both continue on their branches and still conflict.
+    text.expect_code(0).expect_stderr_contains(
+        "two | agentbox: warning: conflicts with task one (finished earlier) in README.md",
+    );
+}
+
+#[test]
+fn the_queue_lands_only_what_passes_its_check_by_fast_forward() {
+    let env = TestEnv::new("land-queue");
+    tasks(
+        &env,
+        &[
+            ("clash", "echo clash > README.md && git commit -qam clash"),
+            (
+                "broken",
+                "touch broken.marker && git add . && git commit -qm broken",
+            ),
+            (
+                "good",
+                "echo good > good.txt && git add . && git commit -qm good",
+            ),
+        ],
+    );
+    commit_on_main(&env, "README.md", "main moved\n");
+    let originals: BTreeMap<String, String> = env
+        .task_branches()
+        .into_iter()
+        .map(|b| {
+            let tip = env.rev(&b).unwrap();
+            (b, tip)
+        })
+        .collect();
+    let main_before = env.rev("main").unwrap();
+
+    let out = env.output([
+        "queue",
+        "clash",
+        "broken",
+        "good",
+        "--check",
+        "test ! -e broken.marker && echo checked",
+        "--json",
+        "--log-lines",
+    ]);
+    out.expect_code(1);
+    let events: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = events.last().unwrap();
+    assert_eq!(summary["event"], "summary");
+    assert_eq!(summary["landed"], serde_json::json!(["good"]));
+    let outcomes: Vec<&str> = summary["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, ["conflict", "check-failed", "landed"]);
+    assert_eq!(
+        summary["tasks"][0]["files"],
+        serde_json::json!(["README.md"])
+    );
+    assert_eq!(summary["tasks"][1]["check_exit_code"], 1);
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "log" && e["task"] == "good" && e["line"] == "checked"),
+        "{out}"
+    );
+
+    // Exactly one landed, by fast-forward: main moved once, from its old tip to a descendant.
+    let main_after = env.rev("main").unwrap();
+    assert!(is_ancestor(&env, &main_before, &main_after));
+    assert_eq!(env.subjects(&format!("{main_before}..main")), ["good"]);
+    let reflog = env.git(["reflog", "show", "--format=%H %gs", "refs/heads/main"]);
+    let entries: Vec<&str> = reflog.lines().collect();
+    assert!(entries[0].contains("agentbox queue: task good"), "{reflog}");
+    for pair in entries.windows(2) {
+        let (new, old) = (
+            pair[0].split(' ').next().unwrap(),
+            pair[1].split(' ').next().unwrap(),
+        );
+        assert!(
+            is_ancestor(&env, old, new),
+            "main moved by fast-forward only: {reflog}"
+        );
+    }
+    // Every original branch is as it was; the failed attempt is kept; the boxes left nothing.
+    for (branch, tip) in &originals {
+        assert_eq!(&env.rev(branch).unwrap(), tip, "{branch}");
+    }
+    assert_eq!(
+        env.task_branches(),
+        ["agentbox/broken", "agentbox/clash", "agentbox/good"]
+    );
+    let attempt = env
+        .rev("refs/agentbox/broken/queue")
+        .expect("the failed attempt is kept");
+    assert!(is_ancestor(&env, &main_before, &attempt));
+    assert!(env.rev("refs/agentbox/clash/queue").is_none());
+    assert!(env.rev("refs/agentbox/good/queue").is_none());
+    assert!(env.ls_task("broken-queue-1").is_none());
+    assert_eq!(env.containers(), Vec::<String>::new());
+    assert_eq!(
+        fs::read_to_string(env.repo.join("good.txt")).unwrap(),
+        "good\n",
+        "the clean checkout followed"
+    );
+}
+
+/// The check's box is a task like any other: whatever it does to the target in its own git dir,
+/// the target moves only by agentbox's fast-forward after a check that passed.
+#[test]
+fn a_check_cannot_move_the_target_itself() {
+    let env = TestEnv::new("land-queue-hostile");
+    tasks(
+        &env,
+        &[("q", "echo q > q.txt && git add . && git commit -qm q")],
+    );
+    commit_on_main(&env, "other.txt", "other\n");
+    let main = env.rev("main").unwrap();
+    let check = "git update-ref refs/heads/main HEAD && git branch -f agentbox/q HEAD && exit 3";
+    let out = env.output(["queue", "q", "--merge", "--check", check]);
+    out.expect_code(1);
+    assert!(out.stdout.contains("check-failed"), "{out}");
+    assert_eq!(
+        env.rev("main").unwrap(),
+        main,
+        "the check did not move main"
+    );
+    assert_eq!(
+        env.subjects("main..agentbox/q"),
+        ["q"],
+        "nor the task's branch"
+    );
+    let attempt = env.rev("refs/agentbox/q/queue").unwrap();
+    assert_eq!(
+        env.show_format(&attempt, "%s"),
+        "Merge branch 'agentbox/q' into main"
+    );
+    let leftovers: Vec<String> = refs(&env)
+        .into_keys()
+        .filter(|r| r.contains("q-queue"))
+        .collect();
+    assert_eq!(leftovers, Vec::<String>::new(), "the box left no ref");
+}
+
+/// A task plants attributes that select a filter, a diff driver and a merge driver which the
+/// user's configuration defines as commands: predicting, reviewing, landing and the update of the
+/// checkout run none of them.
+#[test]
+fn attributes_a_task_planted_run_no_driver_on_the_host() {
+    let env = TestEnv::new("land-hostile");
+    let marker = env.root.join("pwned");
+    let m = marker.display();
+    env.write_global_config(&format!(
+        "[user]\n\tname = {USER_NAME}\n\temail = {USER_EMAIL}\n[init]\n\tdefaultBranch = main\n\
+         [merge \"evil\"]\n\tdriver = touch {m}-merge; cat %B > %A\n\
+         [filter \"evil\"]\n\tsmudge = touch {m}-smudge; cat\n\tclean = touch {m}-clean; cat\n\
+         [diff \"evil\"]\n\tcommand = touch {m}-diff\n\ttextconv = touch {m}-textconv; cat\n"
+    ));
+    let plant = "printf '* merge=evil filter=evil diff=evil\\n' > .gitattributes";
+    tasks(
+        &env,
+        &[
+            (
+                "evil",
+                &format!("{plant} && echo evil > README.md && git add -A && git commit -qm evil"),
+            ),
+            (
+                "evil2",
+                &format!("{plant} && echo x > x.txt && git add -A && git commit -qm evil2"),
+            ),
+            ("other", "echo other > README.md && git commit -qam other"),
+        ],
+    );
+    let found = || -> Vec<String> {
+        fs::read_dir(&env.root)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("pwned"))
+            .collect()
+    };
+    // Its merge driver would have "resolved" the conflict: git's own merge names it.
+    let out = env.output(["conflicts", "evil", "other"]);
+    assert_eq!(out.stdout_lines(), ["evil <-> other: README.md"], "{out}");
+    env.output(["review", "evil"]).expect_code(0);
+    env.output(["merge", "other"]).expect_code(0);
+    env.output(["merge", "evil"])
+        .expect_code(1)
+        .expect_stderr_contains("conflicts in README.md");
+    assert_eq!(found(), Vec::<String>::new(), "no driver ran");
+    // Landed into the checkout, its files are written without its smudge filter.
+    env.output(["merge", "evil2"]).expect_code(0);
+    assert_eq!(fs::read_to_string(env.repo.join("x.txt")).unwrap(), "x\n");
+    assert_eq!(found(), Vec::<String>::new(), "no filter ran");
+}
+
+#[test]
+fn hooks_run_only_when_asked_and_may_refuse() {
+    let env = TestEnv::new("land-hooks");
+    tasks(
+        &env,
+        &[("h", "echo h > h.txt && git add . && git commit -qm h")],
+    );
+    let hooks = env.common_dir().join("hooks");
+    fs::create_dir_all(&hooks).unwrap();
+    let marker = env.root.join("hook-ran");
+    let hook = hooks.join("pre-merge-commit");
+    fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\ntest -f h.txt && touch {}\necho refused by policy >&2\nexit 1\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&hook, fs::Permissions::from_mode(0o755)).unwrap();
+    let main = env.rev("main");
+    let out = env.output(["merge", "h", "--run-hooks"]);
+    out.expect_code(1).expect_stderr_contains(
+        "the pre-merge-commit hook refused to land task h (exit code 1): refused by policy",
+    );
+    assert!(marker.exists(), "the hook saw the result checked out");
+    assert_eq!(env.rev("main"), main);
+    assert_eq!(env.worktrees().len(), 1, "the temporary worktree is gone");
+    fs::remove_file(&marker).unwrap();
+    env.output(["merge", "h"]).expect_code(0);
+    assert!(!marker.exists(), "hooks do not run unless asked");
+}
+
+/// The commands of the README's worked example of landing.
+fn land_example_commands() -> Vec<String> {
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (_, after) = readme
+        .split_once("<!-- land-example -->")
+        .expect("the README marks its landing example");
+    let block = after
+        .split_once("```console\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .map(|(block, _)| block)
+        .expect("a console block follows the marker");
+    block
+        .lines()
+        .filter_map(|l| l.strip_prefix("$ "))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_readme_landing_example_runs_as_written() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    let env = TestEnv::new("land-readme");
+    let commands = land_example_commands();
+    assert!(commands.len() >= 8, "{commands:?}");
+    let bin = env.root.join("bin");
+    fs::create_dir(&bin).unwrap();
+    let wrapper = bin.join("agentbox");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$1\" in run|batch|queue) sub=$1; shift; exec '{exe}' \"$sub\" --label {TEST_LABEL}={id} \"$@\";; esac\nexec '{exe}' \"$@\"\n",
+            exe = env!("CARGO_BIN_EXE_agentbox"),
+            id = env.id
+        ),
+    )
+    .unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into())
+    );
+    for line in &commands {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(line)
+            .current_dir(&env.repo)
+            .env_clear()
+            .env("PATH", &path)
+            .env("HOME", &env.home)
+            .env("XDG_STATE_HOME", &env.state_home)
+            .env("GIT_CONFIG_GLOBAL", &env.gitconfig)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .stdin(Stdio::null());
+        if let Some(host) = std::env::var_os("DOCKER_HOST") {
+            cmd.env("DOCKER_HOST", host);
+        }
+        let out = output_of(cmd);
+        out.expect_code(0);
+        if line.starts_with("agentbox conflicts") {
+            assert_eq!(
+                out.stdout_lines(),
+                ["add-auth <-> add-cache: config.txt"],
+                "{out}"
+            );
+        }
+        if line.starts_with("agentbox queue") {
+            assert_eq!(
+                out.stdout_lines().last().unwrap(),
+                "queue exited 1",
+                "{out}"
+            );
+        }
+    }
+    assert_eq!(
+        env.file_at("main", "config.txt").as_deref(),
+        Some("debug: off\nauth: on\ncache: on\n")
+    );
+    assert_eq!(
+        env.file_at("main", "USAGE.md").as_deref(),
+        Some("Run it with make.\n")
+    );
+    assert_eq!(env.git(["status", "--porcelain"]), "");
+    assert_eq!(env.containers(), Vec::<String>::new());
+}
