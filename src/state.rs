@@ -333,6 +333,9 @@ mod tests {
             left_out: Vec::new(),
             oom_killed: false,
             memory_limit: None,
+            tty: false,
+            stdin: false,
+            idle: false,
         }
     }
 

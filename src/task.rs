@@ -209,6 +209,15 @@ pub struct TaskRecord {
     /// The task's memory limit in bytes, if it had one.
     #[serde(default)]
     pub memory_limit: Option<u64>,
+    /// The command has a terminal (`run -t`): `attach -it` can be its terminal again.
+    #[serde(default)]
+    pub tty: bool,
+    /// The command's stdin is open for attached clients (`run -i`).
+    #[serde(default)]
+    pub stdin: bool,
+    /// A long-lived task (`up`, `run -d` without a command): its container idles until `stop`.
+    #[serde(default)]
+    pub idle: bool,
 }
 
 #[cfg(test)]

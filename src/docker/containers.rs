@@ -26,7 +26,7 @@ const DROPPED_CAPABILITIES: &[&str] = &[
 ];
 
 impl DockerEngine {
-    pub(super) async fn create_container(
+    pub(super) async fn make_container(
         &self,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError> {
@@ -123,9 +123,16 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         user: spec.user.clone(),
         attach_stdout: Some(true),
         attach_stderr: Some(true),
-        tty: Some(false),
-        open_stdin: Some(false),
+        attach_stdin: Some(spec.stdin),
+        tty: Some(spec.tty),
+        open_stdin: Some(spec.stdin),
+        // Without a terminal, the end of the first client's stdin is the command's (a pipe's end
+        // reaches it); with one, stdin stays open so that clients can detach and attach again.
+        stdin_once: Some(spec.stdin && !spec.tty),
         host_config: Some(HostConfig {
+            console_size: spec
+                .console_size
+                .map(|(rows, cols)| vec![usize::from(rows), usize::from(cols)]),
             mounts: Some(mounts),
             port_bindings: Some(port_bindings),
             network_mode,
@@ -324,6 +331,36 @@ mod tests {
         let mount = &host.mounts.unwrap()[0];
         assert_eq!(mount.source.as_deref(), Some("/a:b"));
         assert_eq!(mount.read_only, Some(true));
+    }
+}
+
+#[cfg(test)]
+mod terminal_tests {
+    use super::*;
+
+    #[test]
+    fn a_terminal_keeps_stdin_open_across_clients_and_a_pipe_does_not() {
+        let tty = ContainerSpec {
+            tty: true,
+            stdin: true,
+            console_size: Some((40, 120)),
+            ..ContainerSpec::default()
+        };
+        let body = create_body(&tty);
+        assert_eq!(body.tty, Some(true));
+        assert_eq!(body.open_stdin, Some(true));
+        assert_eq!(body.stdin_once, Some(false));
+        assert_eq!(body.host_config.unwrap().console_size, Some(vec![40, 120]));
+        let piped = ContainerSpec {
+            stdin: true,
+            ..ContainerSpec::default()
+        };
+        let body = create_body(&piped);
+        assert_eq!(body.stdin_once, Some(true));
+        assert_eq!(
+            create_body(&ContainerSpec::default()).open_stdin,
+            Some(false)
+        );
     }
 }
 

@@ -363,5 +363,8 @@ fn record_for_leftovers(ws: &Workspace, task: &TaskName) -> TaskRecord {
         left_out: Vec::new(),
         oom_killed: false,
         memory_limit: None,
+        tty: false,
+        stdin: false,
+        idle: false,
     }
 }

@@ -156,10 +156,15 @@ pub(super) fn plan(
         });
     }
 
+    let command = if request.idle {
+        Some(super::IDLE_COMMAND.iter().map(|s| s.to_string()).collect())
+    } else {
+        request.command.clone()
+    };
     let task_spec = ContainerSpec {
         name: container_name,
         image: request.image.clone(),
-        command: request.command.clone(),
+        command,
         env: environment::docker_env(&env),
         labels,
         mounts: dirs.mounts(&ws.repo),
@@ -168,6 +173,9 @@ pub(super) fn plan(
         ports: task_ports.values().map(|m| (m.container, m.host)).collect(),
         network: attach(Vec::new()),
         limits: request.limits,
+        tty: request.interactive.tty,
+        stdin: request.interactive.stdin,
+        console_size: request.interactive.size.filter(|_| request.interactive.tty),
         ..ContainerSpec::default()
     };
     let sandbox = SandboxPlan {
