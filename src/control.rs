@@ -49,6 +49,23 @@ fn record(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, ControlError> {
     Ok(inspect::record(ws, task)?)
 }
 
+/// The record of a task whose command runs now, for commands run in its container and clients
+/// attached to it; a task that is not running is an error that says what it is.
+pub fn running(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, ControlError> {
+    let record = record(ws, task)?;
+    let supervised = ws.state.is_supervised(task)?;
+    let state = match (supervised, record.state) {
+        (true, TaskState::Running) if record.container_id.is_some() => return Ok(record),
+        (true, state) => state.as_str(),
+        (false, state) if state.is_active() => "orphaned",
+        (false, state) => state.as_str(),
+    };
+    Err(ControlError::NotRunning {
+        task: task.clone(),
+        state: state.to_owned(),
+    })
+}
+
 /// Asks the task's supervisor to stop it (as SIGTERM would) and waits until its teardown is done.
 /// With `kill_after`, the command is killed through `runtime` when it has not ended that long after
 /// the request, whatever grace period the task was started with.

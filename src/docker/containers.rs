@@ -228,6 +228,34 @@ pub(super) fn output_stream(
     .boxed()
 }
 
+/// The output of a command run in a container (`exec`), where the engine reports a command it could
+/// not execute as the first output (`OCI runtime exec failed: exec failed: ... exec: "make":
+/// executable file not found in $PATH: unknown`): that becomes [`Output::NotStarted`].
+pub(super) fn exec_output(output: OutputStream) -> OutputStream {
+    let mut first = true;
+    output
+        .map(move |item| {
+            if !std::mem::take(&mut first) {
+                return item;
+            }
+            match item {
+                Ok(Output::Stdout(bytes) | Output::Stderr(bytes))
+                    if bytes.starts_with(b"OCI runtime exec failed") =>
+                {
+                    let message = String::from_utf8_lossy(&bytes).into_owned();
+                    let command =
+                        failed_command(&message).unwrap_or_else(|| message.trim().to_owned());
+                    Ok(Output::NotStarted {
+                        not_found: start_failure_code(&message) != Some(126),
+                        command,
+                    })
+                }
+                other => other,
+            }
+        })
+        .boxed()
+}
+
 /// Recognises the init's report of a command it could not execute.
 fn init_exec_failure(message: &[u8]) -> Option<Output> {
     let text = std::str::from_utf8(message).ok()?;
@@ -249,7 +277,10 @@ fn init_exec_failure(message: &[u8]) -> Option<Output> {
 /// not exist, 126 when it exists but cannot be executed.
 fn start_failure_code(message: &str) -> Option<i64> {
     let lower = message.to_ascii_lowercase();
-    if lower.contains("executable file not found") || lower.contains("no such file or directory") {
+    if lower.contains("executable file not found")
+        || lower.contains("no such file or directory")
+        || lower.contains("not a directory")
+    {
         Some(127)
     } else if lower.contains("permission denied") || lower.contains("exec format error") {
         Some(126)
@@ -331,6 +362,51 @@ mod tests {
         let mount = &host.mounts.unwrap()[0];
         assert_eq!(mount.source.as_deref(), Some("/a:b"));
         assert_eq!(mount.read_only, Some(true));
+    }
+}
+
+#[cfg(test)]
+mod exec_tests {
+    use super::*;
+
+    #[test]
+    fn the_engines_report_of_a_command_it_could_not_run_becomes_not_started() {
+        let report = b"OCI runtime exec failed: exec failed: unable to start container process: exec: \"nope\": executable file not found in $PATH: unknown\r\n";
+        let stream: OutputStream =
+            futures::stream::iter(vec![Ok(Output::Stdout(bytes::Bytes::from_static(report)))])
+                .boxed();
+        let items: Vec<Output> = futures::executor::block_on(
+            exec_output(stream).map(Result::unwrap).collect::<Vec<_>>(),
+        );
+        assert_eq!(
+            items,
+            [Output::NotStarted {
+                not_found: true,
+                command: "nope".into()
+            }]
+        );
+        let denied = b"OCI runtime exec failed: exec failed: exec: \"/etc/passwd\": permission denied: unknown";
+        let stream: OutputStream = futures::stream::iter(vec![
+            Ok(Output::Stdout(bytes::Bytes::from_static(denied))),
+            Ok(Output::Stdout(bytes::Bytes::from_static(
+                b"OCI runtime exec failed later",
+            ))),
+        ])
+        .boxed();
+        let items: Vec<Output> = futures::executor::block_on(
+            exec_output(stream).map(Result::unwrap).collect::<Vec<_>>(),
+        );
+        assert!(matches!(
+            &items[0],
+            Output::NotStarted {
+                not_found: false,
+                ..
+            }
+        ));
+        assert!(
+            matches!(&items[1], Output::Stdout(_)),
+            "only the first chunk"
+        );
     }
 }
 

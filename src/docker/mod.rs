@@ -607,7 +607,10 @@ impl DockerEngine {
         match self.docker.start_exec(&created.id, Some(start)).await {
             Ok(bollard::exec::StartExecResults::Attached { output, input }) => Ok(Execution {
                 id: created.id,
-                output: containers::output_stream(output, container.to_owned()),
+                output: containers::exec_output(containers::output_stream(
+                    output,
+                    container.to_owned(),
+                )),
                 input: spec.stdin.then_some(input),
             }),
             Ok(bollard::exec::StartExecResults::Detached) => {
