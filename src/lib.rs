@@ -14,6 +14,7 @@ pub mod environment;
 pub mod fs_guard;
 pub mod git;
 pub mod inspect;
+pub mod mcp;
 pub mod output;
 pub mod ports;
 pub mod recovery;

@@ -189,6 +189,14 @@ impl PortLedger {
         })
     }
 
+    /// Releases the ports `owner` holds under `names` (a service that could not start).
+    pub fn release_names(&self, owner: &Owner, names: &[String]) -> Result<(), PortError> {
+        self.update(|ledger| {
+            ledger.retain(|_, e| &e.owner != owner || !names.contains(&e.name));
+            Ok(())
+        })
+    }
+
     /// The ports `owner` holds, by name.
     pub fn held_by(&self, owner: &Owner) -> Result<BTreeMap<String, u16>, PortError> {
         self.update(|ledger| {

@@ -75,6 +75,9 @@ pub struct Background {
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
     errors: File,
     gate: Option<tokio::process::ChildStdin>,
+    /// Pass SIGINT and SIGTERM on to the supervisor while waiting for its lines (a person at a
+    /// terminal); off for the MCP server, whose own signals must keep their default.
+    forward_signals: bool,
 }
 
 impl Background {
@@ -123,13 +126,23 @@ impl Background {
             lines: BufReader::new(stdout).lines(),
             errors,
             gate,
+            forward_signals: true,
         })
+    }
+
+    /// Leaves SIGINT and SIGTERM alone while waiting for the supervisor.
+    pub fn without_signal_forwarding(mut self) -> Self {
+        self.forward_signals = false;
+        self
     }
 
     /// The supervisor's next line, or `None` when it ended without one. Until then a Ctrl-C at the
     /// terminal is meant for it; the supervisor, in its own process group, would not see it
     /// otherwise. It then rolls back and exits 130.
     pub async fn next_line(&mut self) -> Option<String> {
+        if !self.forward_signals {
+            return self.lines.next_line().await.ok().flatten();
+        }
         let (mut interrupt, mut terminate) = (
             signal(SignalKind::interrupt()).ok(),
             signal(SignalKind::terminate()).ok(),
@@ -151,6 +164,23 @@ impl Background {
         line.ok().flatten()
     }
 
+    /// How a supervisor that ended before its task started ended, and what it wrote to stderr.
+    pub async fn ending(mut self) -> Result<(std::process::ExitStatus, Vec<u8>), CommandError> {
+        let task = self.task.clone();
+        drop(self.gate.take());
+        let status = self.child.wait().await.map_err(|e| {
+            fail(format!(
+                "cannot learn how the supervisor of task {task} ended: {e}"
+            ))
+        })?;
+        let mut said = Vec::new();
+        let _ = self
+            .errors
+            .rewind()
+            .and_then(|()| self.errors.read_to_end(&mut said));
+        Ok((status, said))
+    }
+
     /// The supervisor's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
@@ -169,19 +199,9 @@ impl Background {
 
     /// Waits for a supervisor that ended (or is ending) before its task started, shows what it
     /// said, and returns its exit code.
-    pub async fn failed(mut self) -> Result<u8, CommandError> {
+    pub async fn failed(self) -> Result<u8, CommandError> {
         let task = self.task.clone();
-        drop(self.gate.take());
-        let status = self.child.wait().await.map_err(|e| {
-            fail(format!(
-                "cannot learn how the supervisor of task {task} ended: {e}"
-            ))
-        })?;
-        let mut said = Vec::new();
-        let _ = self
-            .errors
-            .rewind()
-            .and_then(|()| self.errors.read_to_end(&mut said));
+        let (status, said) = self.ending().await?;
         let mut stderr = io::stderr().lock();
         let _ = stderr.write_all(&said).and_then(|()| stderr.flush());
         match (status.code(), status.signal()) {

@@ -12,6 +12,7 @@ mod image;
 mod interactive;
 mod logs;
 mod ls;
+mod mcp;
 mod ports;
 mod rm;
 mod run;
@@ -73,6 +74,7 @@ enum Command {
     Attach(attach::Args),
     Gc(gc::Args),
     Image(image::Args),
+    Mcp(mcp::Args),
 }
 
 /// What the CLI takes from its process environment, read once here so the library never does.
@@ -231,6 +233,7 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
         Command::Attach(args) => attach::attach(&context, args).await,
         Command::Gc(args) => gc::gc(&context, args).await,
         Command::Image(args) => image::image(args).await,
+        Command::Mcp(args) => mcp::mcp(&context, args).await,
     }
 }
 
