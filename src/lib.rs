@@ -10,6 +10,7 @@ pub mod config;
 pub mod control;
 pub mod copy;
 pub mod docker;
+pub mod doctor;
 pub mod environment;
 pub mod fs_guard;
 pub mod git;

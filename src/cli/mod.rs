@@ -1,10 +1,13 @@
 //! The command line: parse arguments, call the library, render its results and map its errors to
 //! exit codes. Every subcommand lives in a file of its own.
 
+mod agent_setup;
 mod attach;
 mod batch;
+mod completions;
 mod detach;
 mod diff;
+mod doctor;
 mod env;
 mod exec;
 mod gc;
@@ -12,6 +15,7 @@ mod image;
 mod interactive;
 mod logs;
 mod ls;
+mod man;
 mod mcp;
 mod ports;
 mod rm;
@@ -75,6 +79,10 @@ enum Command {
     Gc(gc::Args),
     Image(image::Args),
     Mcp(mcp::Args),
+    AgentSetup(agent_setup::Args),
+    Doctor(doctor::Args),
+    Completions(completions::Args),
+    Man(man::Args),
 }
 
 /// What the CLI takes from its process environment, read once here so the library never does.
@@ -234,6 +242,10 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
         Command::Gc(args) => gc::gc(&context, args).await,
         Command::Image(args) => image::image(args).await,
         Command::Mcp(args) => mcp::mcp(&context, args).await,
+        Command::AgentSetup(args) => agent_setup::agent_setup(&context, args),
+        Command::Doctor(args) => doctor::doctor(&context, args).await,
+        Command::Completions(args) => completions::completions(args),
+        Command::Man(args) => man::man(args),
     }
 }
 

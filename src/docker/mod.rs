@@ -74,6 +74,24 @@ impl DockerEngine {
         Ok(Self { docker, address })
     }
 
+    /// The engine's own version and the newest API version it speaks.
+    pub async fn engine_version(&self) -> Result<(String, String), RuntimeError> {
+        let version = self
+            .docker
+            .version()
+            .await
+            .map_err(api("asking the version of", &self.address))?;
+        Ok((
+            version.version.unwrap_or_else(|| "?".into()),
+            version.api_version.unwrap_or_else(|| "?".into()),
+        ))
+    }
+
+    /// Whether `image` is present locally (nothing is pulled).
+    pub async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        Ok(self.image_defaults(image).await?.is_some())
+    }
+
     /// The API version agreed on with the engine.
     pub fn api_version(&self) -> String {
         self.docker.client_version().to_string()
