@@ -180,8 +180,32 @@ pub(super) async fn after_session(
             );
             Ok(code)
         }
-        Ended::Finished | Ended::NotStarted { .. } => {
+        Ended::NotStarted { not_found, command } => {
+            let what = if not_found {
+                "not found"
+            } else {
+                "cannot be executed"
+            };
+            eprintln!("agentbox: command {what} in task {task}: {command}");
             control::wait(ws, task).await.map_err(failed)?;
+            finished(ws, task)
+        }
+        Ended::Finished => {
+            let record = control::wait(ws, task).await.map_err(failed)?;
+            if let Some(commit) = &record.snapshot_commit {
+                eprintln!(
+                    "agentbox: snapshot commit {commit} keeps uncommitted work of task {task}"
+                );
+            }
+            let kept = ws.repo.branch_tip(&record.branch).ok().flatten().is_some();
+            match record.exit_code {
+                Some(code) if kept => eprintln!(
+                    "agentbox: task {task} exited {code}; its work is on branch {}",
+                    record.branch
+                ),
+                Some(code) => eprintln!("agentbox: task {task} exited {code} and changed nothing"),
+                None => {}
+            }
             finished(ws, task)
         }
     }

@@ -196,6 +196,17 @@ pub(super) fn output_stream(
                     state.ready.push_back(Err(e));
                 }
                 Some(Ok(LogOutput::StdIn { .. })) => {}
+                // With a terminal, everything is one stream: the init's report can only be its
+                // very first line.
+                Some(Ok(LogOutput::Console { message }))
+                    if state.held.as_ref().is_some_and(Vec::is_empty)
+                        && message.starts_with(PREFIX)
+                        && init_exec_failure(&message).is_some() =>
+                {
+                    state.held = None;
+                    let report = init_exec_failure(&message).expect("checked just now");
+                    state.ready.push_back(Ok(report));
+                }
                 Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
                     if let Some(held) = state.held.take().filter(|h| !h.is_empty()) {
                         state.ready.push_back(Ok(Output::Stderr(held.into())));
@@ -469,6 +480,31 @@ mod stream_tests {
                 not_found: true,
                 command: "make".into()
             }]
+        );
+    }
+
+    #[test]
+    fn with_a_terminal_the_inits_report_is_the_first_line_of_the_one_stream() {
+        let console = |text: &str| LogOutput::Console {
+            message: text.as_bytes().to_vec().into(),
+        };
+        assert_eq!(
+            collect(vec![console(
+                "[FATAL tini (7)] exec nope failed: No such file or directory\r\n"
+            )]),
+            [Output::NotStarted {
+                not_found: true,
+                command: "nope".into()
+            }]
+        );
+        let later = "[FATAL tini (7)] exec nope failed: No such file or directory\r\n";
+        assert_eq!(
+            collect(vec![console("$ "), console(later)]),
+            [
+                Output::Stdout(b"$ ".to_vec().into()),
+                Output::Stdout(later.as_bytes().to_vec().into()),
+            ],
+            "a program may print the same words later"
         );
     }
 

@@ -194,6 +194,17 @@ impl Server {
 impl Server {
     async fn create(&self, params: CreateParams) -> Result<rmcp::model::CallToolResult, ToolError> {
         let task = parse_task(&params.name)?;
+        // An agent that asks again for a task that runs gets it as it is.
+        if crate::control::running(self.ws(), &task).is_ok() {
+            let info = self.info(&task)?;
+            let text = format!(
+                "task {task} is already up on branch {}; worktree {}{}",
+                info.branch,
+                info.worktree,
+                ports_text(&info.ports)
+            );
+            return done(text, info).map_err(|e| ToolError::new(e.message));
+        }
         let request = CreateTask {
             task: task.clone(),
             base: params.base,

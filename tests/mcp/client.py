@@ -65,6 +65,8 @@ async def conversation(session, outside, tools_image):
     a = created["mcp-a"]
     assert a["branch"] == "agentbox/mcp-a" and a["state"] == "running", a
     assert a["long_lived"] is True, a
+    again = await call(session, "task_create", name="mcp-a")
+    assert again["container_id"] == a["container_id"], "asking again gives the running task"
 
     results = {}
 
