@@ -6,7 +6,7 @@ mod common;
 use std::io::Write;
 use std::process::Stdio;
 
-use common::{Spawned, TestEnv, on_a_terminal, output_of, own_user, sh_line};
+use common::{Spawned, TestEnv, on_a_terminal, own_user, sh_line};
 
 #[test]
 fn exec_runs_in_the_tasks_container_as_the_task_and_passes_the_exit_code() {
@@ -116,18 +116,25 @@ fn shell_opens_the_images_shell_and_says_how_to_start_a_finished_task() {
     keys.flush().unwrap();
     term.wait().expect_code(4);
 
-    // exec -it: this terminal.
-    let inner = env.agentbox(["exec", "-it", "sh1", "--", "tput", "lines"]);
-    let term = output_of({
-        let mut cmd = on_a_terminal(
-            &inner,
-            &format!("stty rows 33 cols 100; exec {}", sh_line(&inner)),
-        );
-        cmd.stdin(Stdio::null());
-        cmd
-    });
-    term.expect_code(0);
-    assert!(term.stdout.contains("33"), "{term}");
+    // exec -it: this terminal, with its size by the time the command reads what is typed.
+    let inner = env.agentbox([
+        "exec",
+        "-it",
+        "sh1",
+        "--",
+        "sh",
+        "-c",
+        "read line; echo \"$line $(tput lines)\"",
+    ]);
+    let mut term = Spawned::start(on_a_terminal(
+        &inner,
+        &format!("stty rows 33 cols 100; exec {}", sh_line(&inner)),
+    ));
+    let mut keys = term.take_stdin();
+    keys.write_all(b"lines\r").unwrap();
+    keys.flush().unwrap();
+    term.wait_for_line("lines 33");
+    term.wait().expect_code(0);
 
     env.output(["stop", "sh1"]).expect_code(0);
     let out = env.output(["shell", "sh1"]);

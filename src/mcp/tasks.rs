@@ -252,9 +252,11 @@ impl Server {
         let tail = params.tail_lines.unwrap_or(200);
         let status = params.run.and_then(|run| self.run_status(&task, run));
         let text = tokio::task::spawn_blocking(move || -> Result<String, ToolError> {
-            let mut bytes = Vec::new();
+            // Only the end is kept while the log streams by: a log may hold 100 MiB.
+            let mut end = LastBytes::new(MAX_TEXT);
             let mut reader = LogReader::new(&dir);
-            reader.read_available(&mut bytes).map_err(ToolError::from)?;
+            reader.read_available(&mut end).map_err(ToolError::from)?;
+            let bytes: Vec<u8> = end.0.into_iter().collect();
             Ok(tail_lines(&String::from_utf8_lossy(&bytes), tail, MAX_TEXT))
         })
         .await
@@ -499,6 +501,29 @@ impl Server {
     }
 }
 
+/// A writer that keeps the last bytes written to it.
+struct LastBytes(std::collections::VecDeque<u8>, usize);
+
+impl LastBytes {
+    fn new(cap: usize) -> Self {
+        Self(std::collections::VecDeque::with_capacity(cap), cap)
+    }
+}
+
+impl std::io::Write for LastBytes {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let kept = &bytes[bytes.len().saturating_sub(self.1)..];
+        let excess = (self.0.len() + kept.len()).saturating_sub(self.1);
+        self.0.drain(..excess);
+        self.0.extend(kept);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The last `lines` lines of `text`, at most `max` bytes of them (cut at a character boundary).
 pub(super) fn tail_lines(text: &str, lines: usize, max: usize) -> String {
     let mut start = text.len();
@@ -531,6 +556,15 @@ pub(super) fn tail_lines(text: &str, lines: usize, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::tail_lines;
+
+    #[test]
+    fn only_the_end_of_a_long_log_is_held() {
+        use std::io::Write;
+        let mut end = super::LastBytes::new(4);
+        end.write_all(b"abcdef").unwrap();
+        end.write_all(b"gh").unwrap();
+        assert_eq!(end.0.iter().copied().collect::<Vec<u8>>(), b"efgh");
+    }
 
     #[test]
     fn tails_keep_the_last_lines_within_the_bound() {
