@@ -49,6 +49,23 @@ fn record(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, ControlError> {
     Ok(inspect::record(ws, task)?)
 }
 
+/// The record of a task whose command runs now, for commands run in its container and clients
+/// attached to it; a task that is not running is an error that says what it is.
+pub fn running(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, ControlError> {
+    let record = record(ws, task)?;
+    let supervised = ws.state.is_supervised(task)?;
+    let state = match (supervised, record.state) {
+        (true, TaskState::Running) if record.container_id.is_some() => return Ok(record),
+        (true, state) => state.as_str(),
+        (false, state) if state.is_active() => "orphaned",
+        (false, state) => state.as_str(),
+    };
+    Err(ControlError::NotRunning {
+        task: task.clone(),
+        state: state.to_owned(),
+    })
+}
+
 /// Asks the task's supervisor to stop it (as SIGTERM would) and waits until its teardown is done.
 /// With `kill_after`, the command is killed through `runtime` when it has not ended that long after
 /// the request, whatever grace period the task was started with.
@@ -88,6 +105,35 @@ pub async fn wait(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, Control
     record(ws, task)?;
     until_unsupervised(ws, task).await?;
     record(ws, task)
+}
+
+/// The most of a task's env file read back for [`exec_env`].
+const ENV_FILE_MAX: u64 = 1 << 20;
+
+/// What a command run later in the task's container (`exec`, `shell`, MCP's `task_run`) must be
+/// given besides the container's own environment, as `K=V`. A task that took a pool slot got its
+/// environment with its command, not with its container (the container was made before the task
+/// existed), so its later commands get it from the task's env file, which holds all of it. The
+/// file is read without following a link and bounded; the task may have changed it, which changes
+/// only what its own commands see. Empty for every other task.
+pub fn exec_env(record: &TaskRecord) -> Vec<String> {
+    let Some(env_file) = record.pool_slot.as_ref().and(record.own_files.first()) else {
+        return Vec::new();
+    };
+    let text = crate::fs_guard::GuardedDir::open(&record.worktree)
+        .and_then(|worktree| worktree.read_file(std::path::Path::new(env_file), ENV_FILE_MAX))
+        .ok()
+        .flatten()
+        .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+        .unwrap_or_default();
+    let path = record.worktree.join(env_file);
+    crate::config::parse_env_file(&text, &path, &Default::default())
+        .map(|vars| {
+            vars.iter()
+                .map(|v| format!("{}={}", v.key, v.value))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Passes a stop signal to the task's supervisor as if it had been sent to its `agentbox run`: the

@@ -232,6 +232,78 @@ impl GuardedDir {
         Ok(entries)
     }
 
+    /// What is at `relative` (its type, permission bits and size), without following a symlink
+    /// there or among its parents; `None` when nothing is.
+    pub fn stat(&self, relative: &Path) -> Result<Option<Entry>, GuardError> {
+        let parts = components(relative)?;
+        let Some((name, parents)) = parts.split_last() else {
+            let stat = rustix::fs::fstat(&self.fd)
+                .map_err(|e| io_error("inspect", &self.path, e.into()))?;
+            return Ok(Some(Entry::from_stat(&stat)));
+        };
+        let Some(dir) = self.existing_parent(parents)? else {
+            return Ok(None);
+        };
+        match rustix::fs::statat(&dir.fd, *name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => Ok(Some(Entry::from_stat(&stat))),
+            Err(rustix::io::Errno::NOENT) => Ok(None),
+            Err(e) => Err(io_error("inspect", &dir.child_path(name), e.into())),
+        }
+    }
+
+    /// Removes the file, symlink (itself, never what it points to) or empty directory at
+    /// `relative`; a symlink among its parents is an error. Returns what was removed, `None` when
+    /// nothing was there.
+    pub fn remove(&self, relative: &Path) -> Result<Option<FileType>, GuardError> {
+        let parts = components(relative)?;
+        let (name, parents) = parts.split_last().ok_or_else(|| GuardError::WrongType {
+            path: self.path.clone(),
+            expected: "path below the directory",
+        })?;
+        let Some(dir) = self.existing_parent(parents)? else {
+            return Ok(None);
+        };
+        let path = dir.child_path(name);
+        let kind = match rustix::fs::statat(&dir.fd, *name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => FileType::from_raw_mode(stat.st_mode),
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(io_error("inspect", &path, e.into())),
+        };
+        let flags = if kind == FileType::Directory {
+            AtFlags::REMOVEDIR
+        } else {
+            AtFlags::empty()
+        };
+        rustix::fs::unlinkat(&dir.fd, *name, flags)
+            .map_err(|e| io_error("remove", &path, e.into()))?;
+        Ok(Some(kind))
+    }
+
+    /// The directory that holds the last of `parents`, walked without following symlinks; `None`
+    /// when one of them does not exist.
+    fn existing_parent(&self, parents: &[&Path]) -> Result<Option<GuardedDir>, GuardError> {
+        let mut dir = self.dir(Path::new(""), false)?;
+        for parent in parents {
+            dir = match dir.child_dir(parent, false) {
+                Ok(dir) => dir,
+                Err(GuardError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            };
+        }
+        Ok(Some(dir))
+    }
+
+    /// The target a symlink at `name` (in this directory) names, as text; never followed.
+    pub fn read_link(&self, name: &Path) -> Result<PathBuf, GuardError> {
+        let target = rustix::fs::readlinkat(&self.fd, name, Vec::new())
+            .map_err(|e| io_error("read symlink", &self.child_path(name), e.into()))?;
+        Ok(PathBuf::from(std::ffi::OsStr::from_bytes(
+            target.as_bytes(),
+        )))
+    }
+
     /// Reads the regular file at `relative`, at most `limit` bytes; `None` when there is none.
     pub fn read_file(&self, relative: &Path, limit: u64) -> Result<Option<Vec<u8>>, GuardError> {
         let parts = components(relative)?;
@@ -275,6 +347,24 @@ impl GuardedDir {
             return Err(GuardError::TooLarge { path, limit });
         }
         Ok(Some(bytes))
+    }
+}
+
+/// What is at a path: its type, permission bits and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub kind: FileType,
+    pub mode: u32,
+    pub size: u64,
+}
+
+impl Entry {
+    fn from_stat(stat: &rustix::fs::Stat) -> Self {
+        Self {
+            kind: FileType::from_raw_mode(stat.st_mode),
+            mode: stat.st_mode & 0o7777,
+            size: u64::try_from(stat.st_size).unwrap_or(0),
+        }
     }
 }
 
@@ -402,6 +492,41 @@ mod tests {
             dir.write_file(Path::new("fifo"), b"x", 0o600),
             Err(GuardError::WrongType { .. })
         ));
+    }
+
+    #[test]
+    fn removes_a_symlink_itself_and_never_walks_through_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), "x").unwrap();
+        let root = tmp.path().join("wt");
+        std::fs::create_dir(&root).unwrap();
+        symlink(outside.path().join("keep"), root.join("link")).unwrap();
+        symlink(outside.path(), root.join("dir")).unwrap();
+        let dir = GuardedDir::open(&root).unwrap();
+        assert_eq!(
+            dir.stat(Path::new("link")).unwrap().unwrap().kind,
+            FileType::Symlink
+        );
+        assert!(matches!(
+            dir.remove(Path::new("dir/keep")),
+            Err(GuardError::Symlink { .. })
+        ));
+        assert!(matches!(
+            dir.stat(Path::new("dir/keep")),
+            Err(GuardError::Symlink { .. })
+        ));
+        assert_eq!(
+            dir.read_link(Path::new("link")).unwrap(),
+            outside.path().join("keep")
+        );
+        assert_eq!(
+            dir.remove(Path::new("link")).unwrap(),
+            Some(FileType::Symlink)
+        );
+        assert!(outside.path().join("keep").exists(), "the target stays");
+        assert_eq!(dir.remove(Path::new("link")).unwrap(), None);
+        assert!(dir.remove(Path::new("../x")).is_err());
     }
 
     #[test]

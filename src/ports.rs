@@ -203,6 +203,19 @@ impl PortLedger {
         })
     }
 
+    /// Releases the ports `owner` holds under `names` (a service that could not start).
+    pub fn release_names(&self, owner: &Owner, names: &[String]) -> Result<(), PortError> {
+        self.update(|ledger| {
+            ledger.retain(|_, e| &e.owner != owner || !names.contains(&e.name));
+            Ok(())
+        })
+    }
+
+    /// Every port the ledger holds, for anyone.
+    pub fn all_held(&self) -> Result<Vec<u16>, PortError> {
+        self.update(|ledger| Ok(ledger.keys().copied().collect()))
+    }
+
     /// The ports `owner` holds, by name.
     pub fn held_by(&self, owner: &Owner) -> Result<BTreeMap<String, u16>, PortError> {
         self.update(|ledger| {
@@ -216,7 +229,8 @@ impl PortLedger {
 }
 
 /// Whether nothing listens on the port on the loopback address the engine will publish it on.
-fn is_free(port: u16) -> bool {
+/// Whether the OS lets a listener have `port` on 127.0.0.1 now.
+pub fn is_free(port: u16) -> bool {
     TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
 }
 

@@ -100,6 +100,16 @@ pub struct ContainerSpec {
     pub ports: Vec<(u16, u16)>,
     pub network: Network,
     pub limits: Limits,
+    /// Allocate a pseudo-terminal (`docker run -t`): the output is then one stream, and a client
+    /// attached with [`Runtime::attach_interactive`] is its terminal.
+    pub tty: bool,
+    /// Keep stdin open for attached clients (`docker run -i`). Without a terminal, stdin is closed
+    /// when the first client that attached it closes its side (so a pipe's end reaches the
+    /// command); with one it stays open, so clients can detach and attach again.
+    pub stdin: bool,
+    /// The terminal's size `(rows, cols)` from the start, on engines that take it at creation;
+    /// others get it through [`Runtime::resize`] right after the start.
+    pub console_size: Option<(u16, u16)>,
 }
 
 /// A host path bound into a container.
@@ -210,6 +220,21 @@ pub struct Execution {
     pub input: Option<std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>>,
 }
 
+/// A client attached to a container's terminal (or stdin) and output.
+pub struct Attached {
+    /// The container's output until it stops, or until the engine ends the attachment because it
+    /// read the detach keys.
+    pub output: OutputStream,
+    /// The container's stdin.
+    pub input: std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attached").finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Execution {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Execution").field("id", &self.id).finish()
@@ -296,6 +321,33 @@ pub trait Runtime: Send + Sync {
 
     /// Tells an execution with a terminal its new size.
     async fn resize_exec(&self, execution: &str, rows: u16, cols: u16) -> Result<(), RuntimeError>;
+
+    /// Attaches a client to the stdin and output of a container created with
+    /// [`ContainerSpec::stdin`] (before or after its start). `detach_keys` (docker's notation,
+    /// `ctrl-p,ctrl-q`) end the attachment and leave the container running.
+    async fn attach_interactive(
+        &self,
+        container: &str,
+        detach_keys: &str,
+    ) -> Result<Attached, RuntimeError>;
+
+    /// Tells a running container with a terminal its new size.
+    async fn resize(&self, container: &str, rows: u16, cols: u16) -> Result<(), RuntimeError>;
+
+    /// Makes a network (not a shared one); returns its id.
+    async fn create_network(&self, spec: &NetworkSpec) -> Result<String, RuntimeError>;
+
+    /// Connects a running container to a network, reachable there by `aliases`.
+    async fn connect_network(
+        &self,
+        network: &str,
+        container: &str,
+        aliases: &[String],
+    ) -> Result<(), RuntimeError>;
+
+    /// Creates a container (its image must be present or pullable) without starting it; returns
+    /// its id.
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
 
     /// Removes whatever exists of a sandbox: its containers at once, then its network. Returns what
     /// could not be removed.

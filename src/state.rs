@@ -112,6 +112,11 @@ impl StateDir {
         self.root.join("logs").join(name.as_str())
     }
 
+    /// Logs of the commands agents ran in the task (`task_run`), one per run, by number.
+    pub fn runs_path(&self, name: &TaskName) -> PathBuf {
+        self.root.join("runs").join(name.as_str())
+    }
+
     /// The task's own git dir, mounted into its container (and nothing else of the state dir is).
     pub fn task_git_dir(&self, name: &TaskName) -> PathBuf {
         self.git_dirs_root().join(name.as_str())
@@ -265,15 +270,16 @@ impl StateDir {
         fs::rename(&tmp, &path).map_err(io_error("replace", &path))
     }
 
-    /// Forgets a task: its record, its log and its lock file. Only the holder of the task's claim
+    /// Forgets a task: its record, its logs and its lock file. Only the holder of the task's claim
     /// may: nobody else can be using the lock file then. (A process that opened it just before it
     /// goes finds the task busy once, which is true.)
     pub fn remove(&self, name: &TaskName, _claim: &TaskClaim) -> Result<(), StateError> {
-        let log = self.log_path(name);
-        match fs::remove_dir_all(&log) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_error("remove", &log)(e)),
+        for log in [self.log_path(name), self.runs_path(name)] {
+            match fs::remove_dir_all(&log) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("remove", &log)(e)),
+            }
         }
         for path in [self.record_path(name), self.lock_path(name)] {
             match fs::remove_file(&path) {
@@ -345,6 +351,9 @@ mod tests {
             oom_killed: false,
             memory_limit: None,
             pool_slot: None,
+            tty: false,
+            stdin: false,
+            idle: false,
         }
     }
 

@@ -212,6 +212,15 @@ pub struct TaskRecord {
     /// The pool slot the task was made from: its containers carry that slot's label.
     #[serde(default)]
     pub pool_slot: Option<String>,
+    /// The command has a terminal (`run -t`): `attach -it` can be its terminal again.
+    #[serde(default)]
+    pub tty: bool,
+    /// The command's stdin is open for attached clients (`run -i`).
+    #[serde(default)]
+    pub stdin: bool,
+    /// A long-lived task (`up`, `run -d` without a command): its container idles until `stop`.
+    #[serde(default)]
+    pub idle: bool,
 }
 
 #[cfg(test)]

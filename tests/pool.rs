@@ -477,3 +477,40 @@ fn a_pooled_task_sees_no_other_slot() {
     env.output(["pool", "drain"]).expect_code(0);
     assert_pool_gone(&env);
 }
+
+#[test]
+fn a_long_lived_task_from_the_pool_gives_its_commands_the_tasks_environment() {
+    let env = TestEnv::new("pool-up");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&pool_of_one("30480-30489"));
+    env.output(["pool", "fill"]).expect_code(0);
+    let slot = ready_slots(&env)[0]["slot"].as_str().unwrap().to_owned();
+    env.output(["up", "u"]).expect_code(0);
+    let task = env.ls_task("u").expect("ls lists the task");
+    assert!(
+        task["worktree"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(".pool-{slot}")),
+        "the long-lived task took the slot: {task}"
+    );
+    // Commands run later in the task's container get the task's environment, secrets and git
+    // identity included, as they would in a container made for the task.
+    let out = env.output([
+        "exec",
+        "u",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$AGENTBOX_TASK/$GREETING\"; echo work > w.txt; git add w.txt; git commit -q -m 'from exec'; git log -1 --format=%an",
+    ]);
+    out.expect_code(0);
+    assert_eq!(out.stdout_lines(), ["u/hello u", USER_NAME], "{out}");
+    env.output(["stop", "u"]).expect_code(0);
+    env.output(["wait", "u"]);
+    assert_eq!(env.subjects("main..agentbox/u"), ["from exec"]);
+
+    wait_for_pool(&env, 1);
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+}

@@ -1,17 +1,24 @@
 //! The command line: parse arguments, call the library, render its results and map its errors to
 //! exit codes. Every subcommand lives in a file of its own.
 
+mod agent_setup;
 mod apply;
 mod attach;
 mod batch;
+mod completions;
 mod conflicts;
 mod detach;
 mod diff;
+mod doctor;
 mod env;
+mod exec;
 mod gc;
 mod image;
+mod interactive;
 mod logs;
 mod ls;
+mod man;
+mod mcp;
 mod merge;
 mod pool;
 mod ports;
@@ -20,8 +27,11 @@ mod queue;
 mod review;
 mod rm;
 mod run;
+mod shell;
 mod signals;
 mod stop;
+mod terminal;
+mod up;
 mod wait;
 
 use std::error::Error;
@@ -37,7 +47,9 @@ use agentbox::runtime::Runtime;
 use agentbox::task::TaskName;
 use clap::{Parser, Subcommand};
 
-/// `docker run`'s code for "the runtime itself failed", used for every failure of agentbox's own.
+/// `docker run`'s code for "the runtime itself failed", used for every failure of agentbox's own
+/// in the commands that otherwise exit with a task's or command's code (`run`, `up`, `exec`,
+/// `shell`).
 pub const EXIT_AGENTBOX_FAILED: u8 = 125;
 /// Failure of a subcommand other than `run`.
 const EXIT_ERROR: u8 = 1;
@@ -58,6 +70,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     Run(run::Args),
+    Up(up::Args),
+    Exec(exec::Args),
+    Shell(shell::Args),
     Batch(batch::Args),
     Ls(ls::Args),
     Logs(logs::Args),
@@ -78,6 +93,11 @@ enum Command {
     Pool(pool::Args),
     #[command(hide = true)]
     Purge(purge::Args),
+    Mcp(mcp::Args),
+    AgentSetup(agent_setup::Args),
+    Doctor(doctor::Args),
+    Completions(completions::Args),
+    Man(man::Args),
 }
 
 /// What the CLI takes from its process environment, read once here so the library never does.
@@ -91,6 +111,8 @@ pub struct Env {
     no_color: bool,
     /// The machine's memory, for the default memory limit of a task.
     total_memory: Option<u64>,
+    /// `AGENTBOX_DETACH_KEYS`: the keys that detach from an interactive task.
+    detach_keys: Option<String>,
 }
 
 impl Env {
@@ -106,6 +128,7 @@ impl Env {
             current_dir: std::env::current_dir().unwrap_or_else(|_| PathBuf::from(".")),
             no_color: std::env::var_os("NO_COLOR").is_some(),
             total_memory: total_memory(),
+            detach_keys: non_empty("AGENTBOX_DETACH_KEYS").and_then(|v| v.into_string().ok()),
             vars: std::env::vars_os()
                 .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
                 .collect(),
@@ -204,7 +227,7 @@ pub fn usage_error(error: &clap::Error, args: &[OsString]) -> u8 {
             subcommand.as_deref().unwrap_or("run")
         );
     }
-    if subcommand.as_deref() == Some("run") {
+    if matches!(subcommand.as_deref(), Some("run" | "up" | "exec" | "shell")) {
         EXIT_AGENTBOX_FAILED
     } else {
         EXIT_USAGE
@@ -218,6 +241,9 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
     };
     match cli.command {
         Command::Run(args) => run::run(&context, args).await,
+        Command::Up(args) => up::up(&context, args).await,
+        Command::Exec(args) => exec::exec(&context, args).await,
+        Command::Shell(args) => shell::shell(&context, args).await,
         Command::Batch(args) => batch::batch(&context, args).await,
         Command::Ls(args) => ls::ls(&context, args),
         Command::Logs(args) => logs::logs(&context, args),
@@ -237,6 +263,11 @@ pub async fn dispatch(cli: Cli, env: Env) -> Result<u8, CommandError> {
         Command::Image(args) => image::image(args).await,
         Command::Pool(args) => pool::pool(&context, args).await,
         Command::Purge(args) => purge::purge(&context, args).await,
+        Command::Mcp(args) => mcp::mcp(&context, args).await,
+        Command::AgentSetup(args) => agent_setup::agent_setup(&context, args),
+        Command::Doctor(args) => doctor::doctor(&context, args).await,
+        Command::Completions(args) => completions::completions(args),
+        Command::Man(args) => man::man(args),
     }
 }
 
@@ -275,6 +306,18 @@ impl Context {
         }
         request.use_pool = config.pool.size > 0;
         request
+    }
+
+    /// The detach keys: the flag, else `AGENTBOX_DETACH_KEYS`, else docker's.
+    fn detach_keys(
+        &self,
+        flag: Option<&str>,
+        exit_code: u8,
+    ) -> Result<terminal::DetachKeys, CommandError> {
+        let text = flag
+            .or(self.env.detach_keys.as_deref())
+            .unwrap_or(terminal::DEFAULT_DETACH_KEYS);
+        terminal::DetachKeys::parse(text).map_err(|e| CommandError::new(e, exit_code))
     }
 
     /// The container engine: the one place where it is chosen.

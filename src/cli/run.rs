@@ -4,11 +4,13 @@ use std::time::Duration;
 
 use agentbox::config::{Bytes, Cpus, EnvVar, NetworkSetting, parse_env_file};
 use agentbox::runtime::Output;
-use agentbox::supervisor::{self, RunEvent, RunOutcome, RunRequest, StopLevel};
+use agentbox::supervisor::{self, Interactive, RunEvent, RunOutcome, RunRequest, StopLevel};
 use tokio::sync::{mpsc, watch};
 
-use super::detach;
+use super::detach::{self, Background};
+use super::interactive::{Session, Target};
 use super::signals::forward_signals;
+use super::terminal;
 use super::{
     CommandError, Context, EXIT_AGENTBOX_FAILED, default_user, key_value, labels, task_name,
 };
@@ -16,6 +18,32 @@ use super::{
 /// Run a command in a new task: its own branch, worktree and container
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    #[command(flatten)]
+    pub options: TaskOptions,
+    /// Run in the background: print the task's name once its command runs, and return. `agentbox
+    /// attach`, `logs -f` and `wait` follow it. Without a command, the task idles until `agentbox
+    /// stop` (as `agentbox up`), for `exec` and agents to run commands in
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Keep the command's stdin open and pass agentbox's to it (as `docker run -i`)
+    #[arg(short = 'i', long)]
+    pub interactive: bool,
+    /// Give the command a terminal (as `docker run -t`); with -i it is this one: raw mode, its
+    /// size, Ctrl-C for the command, and the detach keys
+    #[arg(short = 't', long)]
+    pub tty: bool,
+    /// Keys that detach from an interactive task and leave it running [default:
+    /// $AGENTBOX_DETACH_KEYS, or ctrl-p,ctrl-q]
+    #[arg(long, value_name = "KEYS")]
+    pub detach_keys: Option<String>,
+    /// The command to run; the image's default command when omitted
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// What makes a task, whatever it runs.
+#[derive(Debug, clap::Args)]
+pub struct TaskOptions {
     /// The task's name: lowercase letters, digits, '.', '_' and '-' (it names the branch
     /// agentbox/<task>, the worktree and the container)
     #[arg(allow_hyphen_values = true)]
@@ -56,15 +84,8 @@ pub struct Args {
     /// Seconds between SIGTERM and SIGKILL when the task is stopped
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     stop_timeout: u64,
-    /// Run in the background: print the task's name once its command runs, and return. `agentbox
-    /// attach`, `logs -f` and `wait` follow it
-    #[arg(short = 'd', long)]
-    detach: bool,
     #[command(flatten)]
     limits: LimitArgs,
-    /// The command to run; the image's default command when omitted
-    #[arg(last = true, value_name = "COMMAND")]
-    command: Vec<String>,
 }
 
 /// Limits of the task's container (and of its services that set none of their own).
@@ -142,7 +163,7 @@ fn fail(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CommandEr
 }
 
 /// `--env K=V` is plain; a bare `--env K` passes agentbox's own value of K, which is a secret.
-fn env_flag(raw: &str, context: &Context) -> Result<EnvVar, CommandError> {
+pub(super) fn env_flag(raw: &str, context: &Context) -> Result<EnvVar, CommandError> {
     if raw.contains('=') {
         let (key, value) = key_value(raw, "--env")?;
         return Ok(EnvVar {
@@ -166,47 +187,84 @@ fn env_flag(raw: &str, context: &Context) -> Result<EnvVar, CommandError> {
 /// Env files first, `--env` flags last: a flag overrides a file.
 fn explicit_env(context: &Context, args: &Args) -> Result<Vec<EnvVar>, CommandError> {
     let mut vars = Vec::new();
-    for file in &args.env_files {
+    for file in &args.options.env_files {
         let path = context.env.current_dir.join(file);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| fail(format!("cannot read env file {}: {e}", path.display())))?;
         vars.extend(parse_env_file(&text, &path, &context.env.vars).map_err(fail)?);
     }
-    for raw in &args.env {
+    for raw in &args.options.env {
         vars.push(env_flag(raw, context)?);
     }
     Ok(vars)
 }
 
 pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
-    if args.detach && !detach::in_background() {
-        return detach::start_in_background(&args.task).await;
+    let background = detach::in_background();
+    if args.tty && !background && !args.detach && !terminal::stdin_is_terminal() {
+        return Err(fail("-t needs a terminal on stdin, and agentbox's stdin is not one")
+            .with_hint("leave out -t (and keep -i to pass a pipe to the command), or run agentbox from a terminal"));
+    }
+    if !background {
+        if args.detach {
+            let idle = !args.interactive && !args.tty && args.command.is_empty();
+            return detach::start_in_background(&args.options.task, idle).await;
+        }
+        if args.interactive {
+            // Checked before the supervisor starts: a wrong spelling must not leave a task behind.
+            let keys = context.detach_keys(args.detach_keys.as_deref(), EXIT_AGENTBOX_FAILED)?;
+            task_name(&args.options.task, EXIT_AGENTBOX_FAILED)?;
+            return interactive_run(context, &args, keys).await;
+        }
     }
     // Everything is checked before anything is created.
-    let task = task_name(&args.task, EXIT_AGENTBOX_FAILED)?;
+    let task = task_name(&args.options.task, EXIT_AGENTBOX_FAILED)?;
     let env = explicit_env(context, &args)?;
-    let labels = labels(&args.labels)?;
-    let user = Some(args.user.unwrap_or_else(default_user));
-    let from_head = args.base.is_none().then(|| format!("task {task} starts"));
+    let labels = labels(&args.options.labels)?;
+    let user = Some(args.options.user.unwrap_or_else(default_user));
+    let from_head = args
+        .options
+        .base
+        .is_none()
+        .then(|| format!("task {task} starts"));
     let (ws, config, runtime) = context
-        .prepare_runs(args.worktree_root.as_deref(), from_head.as_deref())
+        .prepare_runs(args.options.worktree_root.as_deref(), from_head.as_deref())
         .await?;
 
     let from_config = context.default_request(task, &config, &ws);
+    // `run -d` without a command: a long-lived task.
+    let idle = args.detach && !args.interactive && !args.tty && args.command.is_empty();
+    let interactive = Interactive {
+        stdin: args.interactive,
+        tty: args.tty,
+        size: if background {
+            detach::tty_size()
+        } else {
+            terminal::size()
+        },
+    };
+    // A slot's container was made without a terminal or stdin.
+    let poolable = !args.options.no_pool && !args.interactive && !args.tty;
     let mut request = RunRequest {
-        image: args.image.unwrap_or(from_config.image.clone()),
-        base: args.base,
+        image: args.options.image.unwrap_or(from_config.image.clone()),
+        base: args.options.base,
         command: (!args.command.is_empty()).then_some(args.command),
         env,
         labels,
         user,
-        keep: args.keep,
-        keep_branch: args.keep_branch,
-        use_pool: from_config.use_pool && !args.no_pool,
-        stop_timeout: Duration::from_secs(args.stop_timeout),
+        keep: args.options.keep,
+        keep_branch: args.options.keep_branch,
+        use_pool: from_config.use_pool && poolable,
+        stop_timeout: Duration::from_secs(args.options.stop_timeout),
+        interactive,
+        idle,
+        // The interactive client attaches before the command starts.
+        start_gate: (background && args.interactive && !args.detach).then(detach::start_gate),
         ..from_config
     };
-    args.limits.apply(&mut request, context.env.total_memory)?;
+    args.options
+        .limits
+        .apply(&mut request, context.env.total_memory)?;
     // The teardown returns once the work is safe; the directories go in the background.
     request.defer_deletion = true;
     let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);
@@ -219,8 +277,9 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         let log = agentbox::pool::refill_log(&ws);
         Box::new(move || super::pool::refill_in_background(&start_dir, &labels, &log)) as _
     });
-    let printer = if detach::in_background() {
-        tokio::spawn(detach::report_started(events_rx, refill))
+    let printer = if background {
+        let say_created = args.interactive && !args.detach;
+        tokio::spawn(detach::report_started(events_rx, say_created, refill))
     } else {
         tokio::spawn(print_events(events_rx, refill))
     };
@@ -251,6 +310,73 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         }
         Err(e) => Err(fail(e)),
     }
+}
+
+/// `run -i`: a background supervisor owns the task (as with `-d`), and this process is its
+/// interactive client. The supervisor creates the container and waits; the client attaches and
+/// lets the command start, so it misses nothing; detaching ends the client only. When the task
+/// ends, the client waits for its teardown and exits with its exit code.
+async fn interactive_run(
+    context: &Context,
+    args: &Args,
+    detach_keys: terminal::DetachKeys,
+) -> Result<u8, CommandError> {
+    let task = &args.options.task;
+    let env: Vec<(&str, String)> = terminal::size()
+        .filter(|_| args.tty)
+        .map(|(rows, cols)| (detach::TTY_SIZE_VAR, format!("{rows}x{cols}")))
+        .into_iter()
+        .collect();
+    let mut supervisor = Background::spawn(task, std::env::args_os().skip(1), &env, true)?;
+    let container = match supervisor.next_line().await {
+        Some(line) if line.starts_with(detach::CREATED) => {
+            line[detach::CREATED.len()..].trim().to_owned()
+        }
+        _ => return supervisor.failed().await,
+    };
+    let runtime = context.runtime().await.map_err(fail);
+    let attached = match &runtime {
+        Ok(runtime) => runtime
+            .attach_interactive(&container, &detach_keys.text)
+            .await
+            .map_err(fail),
+        Err(_) => Err(fail("no engine")),
+    };
+    // The command starts whether or not this client could attach: the task is the supervisor's.
+    supervisor.open_gate().await;
+    let (runtime, attached) = match (runtime, attached) {
+        (Ok(runtime), Ok(attached)) => (runtime, attached),
+        (Err(e), _) | (_, Err(e)) => {
+            return Err(e.with_hint(format!(
+                "task {task} runs in the background; `agentbox attach -it {task}` tries again"
+            )));
+        }
+    };
+    match supervisor.next_line().await {
+        Some(line) if line == detach::STARTED => {}
+        _ => return supervisor.failed().await,
+    }
+    // Without a terminal of its own, a Ctrl-C here is a signal for agentbox: it goes to the
+    // supervisor, as for `agentbox attach`.
+    let forwarding =
+        (!args.tty).then(|| tokio::spawn(detach::forward_signals_to(supervisor.pid())));
+    let session = Session {
+        runtime: &*runtime,
+        target: Target::Container(&container),
+        output: attached.output,
+        input: Some(attached.input),
+        tty: args.tty,
+        detach: detach_keys.watch_if_terminal(),
+    };
+    let ended = session.run().await;
+    let ended = ended?;
+    let ws = context.workspace().map_err(fail)?;
+    let name = task_name(task, EXIT_AGENTBOX_FAILED)?;
+    let code = super::attach::after_session(&ws, &name, ended).await;
+    if let Some(forwarding) = forwarding {
+        forwarding.abort();
+    }
+    code
 }
 
 async fn print_events(

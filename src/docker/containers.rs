@@ -26,7 +26,7 @@ const DROPPED_CAPABILITIES: &[&str] = &[
 ];
 
 impl DockerEngine {
-    pub(super) async fn create_container(
+    pub(super) async fn make_container(
         &self,
         spec: &ContainerSpec,
     ) -> Result<String, RuntimeError> {
@@ -123,9 +123,16 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         user: spec.user.clone(),
         attach_stdout: Some(true),
         attach_stderr: Some(true),
-        tty: Some(false),
-        open_stdin: Some(false),
+        attach_stdin: Some(spec.stdin),
+        tty: Some(spec.tty),
+        open_stdin: Some(spec.stdin),
+        // Without a terminal, the end of the first client's stdin is the command's (a pipe's end
+        // reaches it); with one, stdin stays open so that clients can detach and attach again.
+        stdin_once: Some(spec.stdin && !spec.tty),
         host_config: Some(HostConfig {
+            console_size: spec
+                .console_size
+                .map(|(rows, cols)| vec![usize::from(rows), usize::from(cols)]),
             mounts: Some(mounts),
             port_bindings: Some(port_bindings),
             network_mode,
@@ -189,6 +196,17 @@ pub(super) fn output_stream(
                     state.ready.push_back(Err(e));
                 }
                 Some(Ok(LogOutput::StdIn { .. })) => {}
+                // With a terminal, everything is one stream: the init's report can only be its
+                // very first line.
+                Some(Ok(LogOutput::Console { message }))
+                    if state.held.as_ref().is_some_and(Vec::is_empty)
+                        && message.starts_with(PREFIX)
+                        && init_exec_failure(&message).is_some() =>
+                {
+                    state.held = None;
+                    let report = init_exec_failure(&message).expect("checked just now");
+                    state.ready.push_back(Ok(report));
+                }
                 Some(Ok(LogOutput::StdOut { message } | LogOutput::Console { message })) => {
                     if let Some(held) = state.held.take().filter(|h| !h.is_empty()) {
                         state.ready.push_back(Ok(Output::Stderr(held.into())));
@@ -221,6 +239,34 @@ pub(super) fn output_stream(
     .boxed()
 }
 
+/// The output of a command run in a container (`exec`), where the engine reports a command it could
+/// not execute as the first output (`OCI runtime exec failed: exec failed: ... exec: "make":
+/// executable file not found in $PATH: unknown`): that becomes [`Output::NotStarted`].
+pub(super) fn exec_output(output: OutputStream) -> OutputStream {
+    let mut first = true;
+    output
+        .map(move |item| {
+            if !std::mem::take(&mut first) {
+                return item;
+            }
+            match item {
+                Ok(Output::Stdout(bytes) | Output::Stderr(bytes))
+                    if bytes.starts_with(b"OCI runtime exec failed") =>
+                {
+                    let message = String::from_utf8_lossy(&bytes).into_owned();
+                    let command =
+                        failed_command(&message).unwrap_or_else(|| message.trim().to_owned());
+                    Ok(Output::NotStarted {
+                        not_found: start_failure_code(&message) != Some(126),
+                        command,
+                    })
+                }
+                other => other,
+            }
+        })
+        .boxed()
+}
+
 /// Recognises the init's report of a command it could not execute.
 fn init_exec_failure(message: &[u8]) -> Option<Output> {
     let text = std::str::from_utf8(message).ok()?;
@@ -242,7 +288,10 @@ fn init_exec_failure(message: &[u8]) -> Option<Output> {
 /// not exist, 126 when it exists but cannot be executed.
 fn start_failure_code(message: &str) -> Option<i64> {
     let lower = message.to_ascii_lowercase();
-    if lower.contains("executable file not found") || lower.contains("no such file or directory") {
+    if lower.contains("executable file not found")
+        || lower.contains("no such file or directory")
+        || lower.contains("not a directory")
+    {
         Some(127)
     } else if lower.contains("permission denied") || lower.contains("exec format error") {
         Some(126)
@@ -328,6 +377,81 @@ mod tests {
 }
 
 #[cfg(test)]
+mod exec_tests {
+    use super::*;
+
+    #[test]
+    fn the_engines_report_of_a_command_it_could_not_run_becomes_not_started() {
+        let report = b"OCI runtime exec failed: exec failed: unable to start container process: exec: \"nope\": executable file not found in $PATH: unknown\r\n";
+        let stream: OutputStream =
+            futures::stream::iter(vec![Ok(Output::Stdout(bytes::Bytes::from_static(report)))])
+                .boxed();
+        let items: Vec<Output> = futures::executor::block_on(
+            exec_output(stream).map(Result::unwrap).collect::<Vec<_>>(),
+        );
+        assert_eq!(
+            items,
+            [Output::NotStarted {
+                not_found: true,
+                command: "nope".into()
+            }]
+        );
+        let denied = b"OCI runtime exec failed: exec failed: exec: \"/etc/passwd\": permission denied: unknown";
+        let stream: OutputStream = futures::stream::iter(vec![
+            Ok(Output::Stdout(bytes::Bytes::from_static(denied))),
+            Ok(Output::Stdout(bytes::Bytes::from_static(
+                b"OCI runtime exec failed later",
+            ))),
+        ])
+        .boxed();
+        let items: Vec<Output> = futures::executor::block_on(
+            exec_output(stream).map(Result::unwrap).collect::<Vec<_>>(),
+        );
+        assert!(matches!(
+            &items[0],
+            Output::NotStarted {
+                not_found: false,
+                ..
+            }
+        ));
+        assert!(
+            matches!(&items[1], Output::Stdout(_)),
+            "only the first chunk"
+        );
+    }
+}
+
+#[cfg(test)]
+mod terminal_tests {
+    use super::*;
+
+    #[test]
+    fn a_terminal_keeps_stdin_open_across_clients_and_a_pipe_does_not() {
+        let tty = ContainerSpec {
+            tty: true,
+            stdin: true,
+            console_size: Some((40, 120)),
+            ..ContainerSpec::default()
+        };
+        let body = create_body(&tty);
+        assert_eq!(body.tty, Some(true));
+        assert_eq!(body.open_stdin, Some(true));
+        assert_eq!(body.stdin_once, Some(false));
+        assert_eq!(body.host_config.unwrap().console_size, Some(vec![40, 120]));
+        let piped = ContainerSpec {
+            stdin: true,
+            ..ContainerSpec::default()
+        };
+        let body = create_body(&piped);
+        assert_eq!(body.stdin_once, Some(true));
+        assert_eq!(
+            create_body(&ContainerSpec::default()).open_stdin,
+            Some(false)
+        );
+    }
+}
+
+#[cfg(test)]
 mod stream_tests {
     use super::*;
 
@@ -356,6 +480,31 @@ mod stream_tests {
                 not_found: true,
                 command: "make".into()
             }]
+        );
+    }
+
+    #[test]
+    fn with_a_terminal_the_inits_report_is_the_first_line_of_the_one_stream() {
+        let console = |text: &str| LogOutput::Console {
+            message: text.as_bytes().to_vec().into(),
+        };
+        assert_eq!(
+            collect(vec![console(
+                "[FATAL tini (7)] exec nope failed: No such file or directory\r\n"
+            )]),
+            [Output::NotStarted {
+                not_found: true,
+                command: "nope".into()
+            }]
+        );
+        let later = "[FATAL tini (7)] exec nope failed: No such file or directory\r\n";
+        assert_eq!(
+            collect(vec![console("$ "), console(later)]),
+            [
+                Output::Stdout(b"$ ".to_vec().into()),
+                Output::Stdout(later.as_bytes().to_vec().into()),
+            ],
+            "a program may print the same words later"
         );
     }
 

@@ -16,9 +16,9 @@ use bollard::query_parameters::{
 use futures::{StreamExt, TryStreamExt};
 
 use crate::runtime::{
-    ExecSpec, Execution, Exit, FoundContainer, FoundNetwork, ImageDefaults, NetworkSpec,
-    OutputStream, REPO_LABEL, Runtime, RuntimeError, SHARED_LABEL, Sandbox, SandboxPlan,
-    StartError, wrap_with_setup,
+    Attached, ContainerSpec, ExecSpec, Execution, Exit, FoundContainer, FoundNetwork,
+    ImageDefaults, NetworkSpec, OutputStream, REPO_LABEL, Runtime, RuntimeError, SHARED_LABEL,
+    Sandbox, SandboxPlan, StartError, wrap_with_setup,
 };
 
 /// The engine address used when the caller names none (`DOCKER_HOST` unset).
@@ -72,6 +72,24 @@ impl DockerEngine {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         Ok(Self { docker, address })
+    }
+
+    /// The engine's own version and the newest API version it speaks.
+    pub async fn engine_version(&self) -> Result<(String, String), RuntimeError> {
+        let version = self
+            .docker
+            .version()
+            .await
+            .map_err(api("asking the version of", &self.address))?;
+        Ok((
+            version.version.unwrap_or_else(|| "?".into()),
+            version.api_version.unwrap_or_else(|| "?".into()),
+        ))
+    }
+
+    /// Whether `image` is present locally (nothing is pulled).
+    pub async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        Ok(self.image_defaults(image).await?.is_some())
     }
 
     /// The API version agreed on with the engine.
@@ -141,7 +159,7 @@ impl DockerEngine {
             name: format!("{}-{:08x}", spec.name, nanos ^ std::process::id()),
             ..spec.clone()
         };
-        self.create_network(&mine).await?;
+        self.make_network(&mine).await?;
         let (winner, count) =
             self.earliest_network(&labels)
                 .await?
@@ -184,7 +202,7 @@ impl DockerEngine {
     }
 
     /// Makes a network; returns its id.
-    async fn create_network(&self, spec: &NetworkSpec) -> Result<String, RuntimeError> {
+    async fn make_network(&self, spec: &NetworkSpec) -> Result<String, RuntimeError> {
         let options = spec.shared_isolated.then(|| {
             // No traffic between the containers on it: each task reaches the outside, not its
             // neighbours.
@@ -261,14 +279,14 @@ impl Runtime for DockerEngine {
                     Err(e) => return Err((e, made)),
                 }
             } else {
-                if let Err(e) = self.create_network(network).await {
+                if let Err(e) = self.make_network(network).await {
                     return Err((e, made));
                 }
                 made.network = Some(network.name.clone());
             }
         }
         let services = futures::future::join_all(plan.services.iter().map(|spec| async move {
-            let id = self.create_container(spec).await.map_err(|e| (e, None))?;
+            let id = self.make_container(spec).await.map_err(|e| (e, None))?;
             match self.start(&id).await {
                 Ok(()) => Ok(id),
                 Err(StartError::Runtime(e)) => Err((e, Some(id))),
@@ -309,7 +327,7 @@ impl Runtime for DockerEngine {
             task.command = Some(cmd);
         }
         made.image_defaults = task_defaults;
-        match self.create_container(&task).await {
+        match self.make_container(&task).await {
             Ok(id) => {
                 made.container = Some(id);
                 Ok(made)
@@ -479,6 +497,69 @@ impl Runtime for DockerEngine {
         self.exec_in(container, spec).await
     }
 
+    async fn attach_interactive(
+        &self,
+        container: &str,
+        detach_keys: &str,
+    ) -> Result<Attached, RuntimeError> {
+        let options = AttachContainerOptions {
+            stream: true,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            detach_keys: Some(detach_keys.to_owned()),
+            ..Default::default()
+        };
+        let attached = self
+            .docker
+            .attach_container(container, Some(options))
+            .await
+            .map_err(api("attaching to container", container))?;
+        Ok(Attached {
+            output: containers::output_stream(attached.output, container.to_owned()),
+            input: attached.input,
+        })
+    }
+
+    async fn resize(&self, container: &str, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::ResizeContainerTTYOptions {
+            h: i32::from(rows),
+            w: i32::from(cols),
+        };
+        self.docker
+            .resize_container_tty(container, options)
+            .await
+            .map_err(api("resizing the terminal of container", container))
+    }
+
+    async fn create_network(&self, spec: &NetworkSpec) -> Result<String, RuntimeError> {
+        self.make_network(spec).await
+    }
+
+    async fn connect_network(
+        &self,
+        network: &str,
+        container: &str,
+        aliases: &[String],
+    ) -> Result<(), RuntimeError> {
+        let request = bollard::models::NetworkConnectRequest {
+            container: container.to_owned(),
+            endpoint_config: Some(bollard::models::EndpointSettings {
+                aliases: Some(aliases.to_vec()),
+                ..Default::default()
+            }),
+        };
+        self.docker
+            .connect_network(network, request)
+            .await
+            .map_err(api("connecting to network", network))
+    }
+
+    async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.ensure_image(&spec.image).await?;
+        self.make_container(spec).await
+    }
+
     async fn exec_exit(&self, execution: &str) -> Result<i64, RuntimeError> {
         // The output ends when the command does; the engine may take a moment to say so.
         let mut delay = Duration::from_millis(5);
@@ -555,7 +636,10 @@ impl DockerEngine {
         match self.docker.start_exec(&created.id, Some(start)).await {
             Ok(bollard::exec::StartExecResults::Attached { output, input }) => Ok(Execution {
                 id: created.id,
-                output: containers::output_stream(output, container.to_owned()),
+                output: containers::exec_output(containers::output_stream(
+                    output,
+                    container.to_owned(),
+                )),
                 input: spec.stdin.then_some(input),
             }),
             Ok(bollard::exec::StartExecResults::Detached) => {

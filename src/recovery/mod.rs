@@ -389,5 +389,8 @@ fn record_for_leftovers(ws: &Workspace, task: &TaskName) -> TaskRecord {
         oom_killed: false,
         memory_limit: None,
         pool_slot: None,
+        tty: false,
+        stdin: false,
+        idle: false,
     }
 }

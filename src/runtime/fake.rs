@@ -276,6 +276,46 @@ impl Runtime for FakeRuntime {
         self.call("resize_exec", execution)
     }
 
+    async fn attach_interactive(
+        &self,
+        container: &str,
+        _detach_keys: &str,
+    ) -> Result<super::Attached, RuntimeError> {
+        self.call("attach_interactive", container)?;
+        Ok(super::Attached {
+            output: Box::pin(futures::stream::empty()),
+            input: Box::pin(tokio::io::sink()),
+        })
+    }
+
+    async fn resize(&self, container: &str, rows: u16, cols: u16) -> Result<(), RuntimeError> {
+        self.call("resize", &format!("{container} {rows}x{cols}"))
+    }
+
+    async fn create_network(&self, spec: &super::NetworkSpec) -> Result<String, RuntimeError> {
+        self.call("create_network", &spec.name)?;
+        self.state
+            .lock()
+            .unwrap()
+            .networks
+            .insert(spec.name.clone(), spec.labels.clone());
+        Ok(spec.name.clone())
+    }
+
+    async fn connect_network(
+        &self,
+        network: &str,
+        container: &str,
+        _aliases: &[String],
+    ) -> Result<(), RuntimeError> {
+        self.call("connect_network", &format!("{network} {container}"))
+    }
+
+    async fn create_container(&self, spec: &super::ContainerSpec) -> Result<String, RuntimeError> {
+        self.call("create_container", &spec.name)?;
+        Ok(self.add_container(&spec.name, &spec.labels))
+    }
+
     async fn exit_if_ended(&self, container: &str) -> Result<Option<Exit>, RuntimeError> {
         let state = self.state.lock().unwrap();
         let ended = state.containers.get(container).is_some_and(|c| !c.2);

@@ -33,8 +33,8 @@ use std::time::SystemTime;
 use tokio::sync::{mpsc, watch};
 
 pub use request::{
-    DEFAULT_IMAGE, DEFAULT_LOG_MAX, DEFAULT_PIDS_LIMIT, Kept, RunError, RunEvent, RunOutcome,
-    RunRequest, RunSummary, StopLevel, StopSignal,
+    DEFAULT_IMAGE, DEFAULT_LOG_MAX, DEFAULT_PIDS_LIMIT, IDLE_COMMAND, Interactive, Kept, RunError,
+    RunEvent, RunOutcome, RunRequest, RunSummary, StopLevel, StopSignal,
 };
 
 use crate::config::EnvVar;
@@ -163,7 +163,7 @@ pub async fn run(
         base: base.clone(),
         base_commit: base_commit.to_string(),
         image: request.image.clone(),
-        command: request.command.clone().unwrap_or_default(),
+        command: plan.task.command.clone().unwrap_or_default(),
         worktree: worktree.clone(),
         container_name: plan.task.name.clone(),
         container_id: None,
@@ -181,6 +181,9 @@ pub async fn run(
         oom_killed: false,
         memory_limit: request.limits.memory_bytes,
         pool_slot: slot.as_ref().map(|(slot, _)| slot.id.clone()),
+        tty: request.interactive.tty,
+        stdin: request.interactive.stdin,
+        idle: request.idle,
     };
     if let Err(e) = ws.state.save(&record).await {
         let _ = ws.ports.release(&owner);
@@ -457,6 +460,15 @@ impl Supervised<'_> {
             from_pool: launch == Launch::Exec,
         })
         .await;
+        if let Some(gate) = self.request.start_gate.clone()
+            && let Err(signal) = self.until_gate_opens(gate).await
+        {
+            let error = RunError::InterruptedBeforeStart {
+                task: self.task().clone(),
+                signal,
+            };
+            return Err(self.roll_back(fail_setup(error, sandbox)).await);
+        }
 
         self.record.container_id = Some(container_id.clone());
         self.save(TaskState::Running).await?;
@@ -495,6 +507,13 @@ impl Supervised<'_> {
         ));
         let mut exit = match started_result {
             Ok(()) => {
+                if let (true, Some((rows, cols))) =
+                    (self.request.interactive.tty, self.request.interactive.size)
+                {
+                    // Engines that ignore the size given at creation learn it now, before the
+                    // command is likely to ask.
+                    let _ = self.runtime.resize(&container_id, rows, cols).await;
+                }
                 self.emit(RunEvent::Started {
                     container_id: container_id.clone(),
                     worktree: self.record.worktree.clone(),
@@ -583,6 +602,39 @@ impl Supervised<'_> {
         }
         self.save(TaskState::TearingDown).await?;
         self.tear_down(wait_error, stopped_by, exit).await
+    }
+
+    /// Waits until the start gate opens (or its sender is gone); a stop request meanwhile is
+    /// returned instead.
+    async fn until_gate_opens(
+        &mut self,
+        mut gate: watch::Receiver<bool>,
+    ) -> Result<(), StopSignal> {
+        let mut listening = true;
+        loop {
+            if *gate.borrow_and_update() {
+                return Ok(());
+            }
+            tokio::select! {
+                changed = gate.changed() => {
+                    if changed.is_err() {
+                        // The one who holds the gate is gone: nobody is left to wait for.
+                        return Ok(());
+                    }
+                }
+                changed = self.stop.changed(), if listening => {
+                    if changed.is_err() {
+                        listening = false;
+                        continue;
+                    }
+                    if let StopLevel::Graceful(signal) | StopLevel::Immediate(signal) =
+                        *self.stop.borrow_and_update()
+                    {
+                        return Err(signal);
+                    }
+                }
+            }
+        }
     }
 
     /// Waits for the exit, acting on stop requests meanwhile. A graceful stop runs in the background

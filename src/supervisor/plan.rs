@@ -17,6 +17,7 @@ use crate::runtime::{
 use crate::workspace::Workspace;
 
 /// Paths agentbox itself puts into the worktree; a snapshot never commits them.
+/// The env file comes first ([`crate::control::exec_env`] finds it there).
 pub(crate) fn own_files(request: &RunRequest) -> Vec<String> {
     std::iter::once(request.env_file_name.clone())
         .chain(request.copy.iter().map(|p| p.display().to_string()))
@@ -156,10 +157,15 @@ pub(crate) fn plan(
         });
     }
 
+    let command = if request.idle {
+        Some(super::IDLE_COMMAND.iter().map(|s| s.to_string()).collect())
+    } else {
+        request.command.clone()
+    };
     let task_spec = ContainerSpec {
         name: container_name,
         image: request.image.clone(),
-        command: request.command.clone(),
+        command,
         env: environment::docker_env(&env),
         labels,
         mounts: dirs.mounts(&ws.repo),
@@ -168,6 +174,9 @@ pub(crate) fn plan(
         ports: task_ports.values().map(|m| (m.container, m.host)).collect(),
         network: attach(Vec::new()),
         limits: request.limits,
+        tty: request.interactive.tty,
+        stdin: request.interactive.stdin,
+        console_size: request.interactive.size.filter(|_| request.interactive.tty),
         ..ContainerSpec::default()
     };
     let sandbox = SandboxPlan {

@@ -1,7 +1,7 @@
 //! A task made from a pool slot: the slot's idle sandbox becomes the task's, and the command runs in
 //! it with `exec` (see [`crate::pool`]).
 
-use super::{RunError, SetupFailure, Supervised, ZERO_ID, fill_worktree};
+use super::{IDLE_COMMAND, RunError, SetupFailure, Supervised, ZERO_ID, fill_worktree};
 use crate::pool::{self, Slot, SlotClaim};
 use crate::runtime::{ExecSpec, REPO_LABEL, SERVICE_LABEL, Sandbox, wrap_with_setup};
 
@@ -122,17 +122,17 @@ impl Supervised<'_> {
             format!("echo $$ > {PID_FILE}; exec \"$@\""),
             "sh".to_owned(),
         ];
+        // A long-lived task idles in the slot's container as it would in its own.
+        let own = if self.request.idle {
+            Some(IDLE_COMMAND.iter().map(|s| s.to_string()).collect())
+        } else {
+            self.request.command.clone()
+        };
         if self.request.setup.is_empty() {
             command.extend(defaults.entrypoint.iter().cloned());
-            command.extend(
-                self.request
-                    .command
-                    .clone()
-                    .unwrap_or_else(|| defaults.cmd.clone()),
-            );
+            command.extend(own.unwrap_or_else(|| defaults.cmd.clone()));
         } else {
-            let (entrypoint, cmd) =
-                wrap_with_setup(&self.request.setup, self.request.command.clone(), defaults);
+            let (entrypoint, cmd) = wrap_with_setup(&self.request.setup, own, defaults);
             command.extend(entrypoint);
             command.extend(cmd);
         }

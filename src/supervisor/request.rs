@@ -82,7 +82,34 @@ pub struct RunRequest {
     pub defer_deletion: bool,
     /// Take a ready sandbox from the pool when there is one for this kind of task.
     pub use_pool: bool,
+    /// How a client talks to the command: a terminal, stdin, or neither.
+    pub interactive: Interactive,
+    /// Run no command: the container idles (its services with it) until the task is stopped,
+    /// for `exec` and agents to run commands in. Overrides `command`.
+    pub idle: bool,
+    /// When set, the command starts only once this says `true` (or its sender is gone): an
+    /// interactive client attaches to the created container first, so it misses no output.
+    pub start_gate: Option<tokio::sync::watch::Receiver<bool>>,
 }
+
+/// What `run -i`/`-t` ask for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Interactive {
+    /// Keep stdin open for attached clients.
+    pub stdin: bool,
+    /// Give the command a terminal.
+    pub tty: bool,
+    /// The caller's terminal size `(rows, cols)`, for the command's terminal from its start.
+    pub size: Option<(u16, u16)>,
+}
+
+/// What a long-lived task runs: nothing, until it is stopped (SIGTERM ends it with exit code 0).
+/// Any image with a POSIX shell and `sleep` has it.
+pub const IDLE_COMMAND: [&str; 3] = [
+    "/bin/sh",
+    "-c",
+    "trap 'exit 0' TERM INT; while sleep 1000 & wait $!; do :; done",
+];
 
 impl RunRequest {
     /// A request with the defaults `agentbox run` uses: the base's HEAD, the image's command, no
@@ -118,6 +145,9 @@ impl RunRequest {
             checkout_workers: 4,
             defer_deletion: false,
             use_pool: false,
+            interactive: Interactive::default(),
+            idle: false,
+            start_gate: None,
         }
     }
 

@@ -560,3 +560,101 @@ async fn a_deferred_deletion_leaves_a_manifest_that_the_purge_finishes() {
         "the work was safe before anything was deleted"
     );
 }
+
+#[tokio::test]
+async fn an_interactive_run_starts_only_once_its_client_opened_the_gate() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    let mut request = fx.request("it");
+    request.interactive = super::Interactive {
+        stdin: true,
+        tty: true,
+        size: Some((33, 101)),
+    };
+    let (open, gate) = watch::channel(false);
+    request.start_gate = Some(gate);
+    let (events, mut received) = mpsc::channel(64);
+    let (_stop, stop) = watch::channel(StopLevel::Continue);
+    let opener = {
+        let fake = fake.clone();
+        tokio::spawn(async move {
+            // The client attaches once the container exists, then lets the command start.
+            while let Some(event) = received.recv().await {
+                if let super::RunEvent::Created { .. } = event {
+                    assert!(
+                        !fake.calls().iter().any(|c| c.starts_with("start ")),
+                        "nothing starts before the gate opens: {:?}",
+                        fake.calls()
+                    );
+                    open.send(true).unwrap();
+                }
+            }
+        })
+    };
+    let outcome = super::run(&fx.ws, &fake, request, events, stop)
+        .await
+        .unwrap();
+    opener.await.unwrap();
+    assert_eq!(outcome.exit_code, 0);
+    let calls = fake.calls();
+    let start = calls.iter().position(|c| c.starts_with("start ")).unwrap();
+    let resize = calls.iter().position(|c| c.starts_with("resize ")).unwrap();
+    assert!(
+        resize > start,
+        "the size is passed after the start: {calls:?}"
+    );
+    assert!(calls[resize].ends_with(" 33x101"), "{calls:?}");
+    let record = fx
+        .ws
+        .state
+        .read(&TaskName::parse("it").unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(record.tty && record.stdin && !record.idle);
+}
+
+#[tokio::test]
+async fn a_stop_while_the_gate_is_closed_rolls_back() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    let mut request = fx.request("gated");
+    let (_open, gate) = watch::channel(false);
+    request.start_gate = Some(gate);
+    let (events, mut received) = mpsc::channel(64);
+    let (stop_tx, stop) = watch::channel(StopLevel::Continue);
+    let stopper = tokio::spawn(async move {
+        while let Some(event) = received.recv().await {
+            if let super::RunEvent::Created { .. } = event {
+                stop_tx
+                    .send(StopLevel::Graceful(super::StopSignal::Interrupt))
+                    .unwrap();
+            }
+        }
+    });
+    let result = super::run(&fx.ws, &fake, request, events, stop).await;
+    stopper.await.unwrap();
+    assert!(
+        matches!(result, Err(RunError::InterruptedBeforeStart { .. })),
+        "{result:?}"
+    );
+    assert!(!fake.calls().iter().any(|c| c.starts_with("start ")));
+    fx.assert_no_trace(&fake, "gated");
+}
+
+#[tokio::test]
+async fn a_long_lived_task_idles_instead_of_running_a_command() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    let mut request = fx.request("idle");
+    request.command = Some(vec!["make".into()]);
+    request.idle = true;
+    fx.run(&fake, request).await.unwrap();
+    let record = fx
+        .ws
+        .state
+        .read(&TaskName::parse("idle").unwrap())
+        .unwrap()
+        .unwrap();
+    assert!(record.idle);
+    assert_eq!(record.command, super::IDLE_COMMAND);
+}

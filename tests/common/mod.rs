@@ -217,7 +217,7 @@ impl TestEnv {
             .iter()
             .take_while(|a| a.as_os_str() != "--")
             .position(|a| {
-                ["run", "batch", "queue", "fill"]
+                ["run", "batch", "queue", "fill", "up", "mcp"]
                     .iter()
                     .any(|s| a.as_os_str() == *s)
             });
@@ -1228,6 +1228,42 @@ impl TestEnv {
 }
 
 impl Spawned {
+    /// The process's stdin, when the command was given a piped one (once).
+    pub fn take_stdin(&mut self) -> std::process::ChildStdin {
+        self.child
+            .as_mut()
+            .and_then(|c| c.stdin.take())
+            .expect("the command was started with a piped stdin")
+    }
+
+    /// Waits until the process prints a line for which `matches` holds, and returns it. Panics
+    /// (showing what the process printed) if it ends first or nothing comes within [`TIMEOUT`].
+    #[track_caller]
+    pub fn wait_for(&mut self, what: &str, matches: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if matches(&line) => return line,
+                Ok(_) => {}
+                Err(RecvTimeoutError::Disconnected) => {
+                    let out = self.finish();
+                    panic!("process ended before printing {what}\n{out}");
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.signal(Signal::KILL);
+                    let out = self.finish();
+                    panic!("no line {what} within {TIMEOUT:?}\n{out}");
+                }
+            }
+        }
+    }
+
+    /// The next line within `timeout`, if one comes (and the process has not ended).
+    pub fn line_within(&mut self, timeout: Duration) -> Option<String> {
+        self.lines.recv_timeout(timeout).ok()
+    }
+
     /// Whether the process was already waited for (e.g. by a [`Spawned::wait_for_line`] that
     /// failed because it ended).
     pub fn is_finished(&self) -> bool {
@@ -1242,4 +1278,40 @@ impl TestEnv {
     pub fn is_running(&self, id: &str) -> bool {
         self.inspect(id)["State"]["Running"] == true
     }
+}
+
+// ---- terminals: a pseudo-terminal from util-linux's `script` ----------------------------------------
+
+/// Quotes a word for `sh`.
+pub fn sh_quote(word: &OsStr) -> String {
+    format!("'{}'", word.to_string_lossy().replace('\'', r"'\''"))
+}
+
+/// The command line of `cmd` (program and arguments), quoted for `sh`.
+pub fn sh_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(sh_quote)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `script` running `shell` (an `sh` script) on a fresh pseudo-terminal, with `inner`'s
+/// environment and directory; its stdin is piped (what the test types), its stdout is what the
+/// terminal shows. `script -e` exits with the script's exit code.
+pub fn on_a_terminal(inner: &Command, shell: &str) -> Command {
+    let mut script = Command::new("script");
+    script
+        .args(["-qec", shell, "/dev/null"])
+        .env_clear()
+        .stdin(Stdio::piped());
+    if let Some(dir) = inner.get_current_dir() {
+        script.current_dir(dir);
+    }
+    for (key, value) in inner.get_envs() {
+        if let Some(value) = value {
+            script.env(key, value);
+        }
+    }
+    script
 }

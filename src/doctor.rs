@@ -1,0 +1,371 @@
+//! `agentbox doctor`: whether this machine can run tasks, one check at a time, each failure with
+//! its fix.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::PortRange;
+use crate::docker::{DEFAULT_ADDRESS, DockerEngine};
+
+/// The oldest engine API agentbox is tested with (Debian's docker.io 20.10).
+const MIN_API: (u32, u32) = (1, 41);
+/// The oldest git recommended.
+const RECOMMENDED_GIT: (u32, u32) = (2, 38);
+
+/// How a check came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    /// Works, but not as well as it could.
+    Warn,
+    Fail,
+    /// Could not be checked because an earlier check failed.
+    Skipped,
+}
+
+/// One check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub name: &'static str,
+    pub status: Status,
+    /// What was found.
+    pub detail: String,
+    /// What to do about a failure or a warning.
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            name,
+            status: Status::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            name,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    fn warn(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
+        Self {
+            status: Status::Warn,
+            ..Self::fail(name, detail, fix)
+        }
+    }
+
+    fn skipped(name: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            name,
+            status: Status::Skipped,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+}
+
+/// What the checks look at; the CLI reads it from the environment.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// `DOCKER_HOST`, if set.
+    pub docker_host: Option<String>,
+    /// `$XDG_STATE_HOME` (or its default).
+    pub state_home: PathBuf,
+    /// The task image (`image` of agentbox.toml, or the default).
+    pub image: String,
+    /// The port range (`port_range` of agentbox.toml, or the default).
+    pub port_range: PortRange,
+}
+
+/// Runs every check, in order.
+pub async fn run(setup: &Setup) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let address = setup.docker_host.as_deref().unwrap_or(DEFAULT_ADDRESS);
+    checks.push(socket(address));
+    let engine = DockerEngine::connect(setup.docker_host.as_deref()).await;
+    match &engine {
+        Ok(engine) => checks.push(engine_version(engine).await),
+        Err(e) => checks.push(Check::fail(
+            "engine",
+            e.to_string(),
+            unreachable_fix(address, &e.to_string()),
+        )),
+    }
+    checks.push(git().await);
+    match &engine {
+        Ok(engine) => checks.push(image(engine, &setup.image).await),
+        Err(_) => checks.push(Check::skipped("image", "no engine to ask")),
+    }
+    checks.push(state_dir(&setup.state_home));
+    checks.push(ports(setup));
+    checks
+}
+
+fn unreachable_fix(address: &str, error: &str) -> String {
+    if error.to_ascii_lowercase().contains("permission denied") {
+        "add yourself to the socket's group: `sudo usermod -aG docker $USER`, then log in again"
+            .to_owned()
+    } else if address == DEFAULT_ADDRESS {
+        "start the engine (`sudo systemctl start docker`, or `sudo service docker start`), or set DOCKER_HOST to one that runs".to_owned()
+    } else {
+        format!(
+            "DOCKER_HOST={address}: start the engine there, or unset DOCKER_HOST to use {DEFAULT_ADDRESS}"
+        )
+    }
+}
+
+/// The engine's socket, when it is a local one: there, and ours to read and write.
+fn socket(address: &str) -> Check {
+    let Some(path) = address.strip_prefix("unix://") else {
+        return Check::ok(
+            "socket",
+            format!("{address} is not a local socket; nothing to check"),
+        );
+    };
+    let path = Path::new(path);
+    match std::fs::metadata(path) {
+        Err(e) => Check::fail(
+            "socket",
+            format!("{}: {e}", path.display()),
+            unreachable_fix(address, &e.to_string()),
+        ),
+        Ok(_) => match rustix::fs::access(
+            path,
+            rustix::fs::Access::READ_OK | rustix::fs::Access::WRITE_OK,
+        ) {
+            Ok(()) => Check::ok(
+                "socket",
+                format!("{} is readable and writable", path.display()),
+            ),
+            Err(e) => Check::fail(
+                "socket",
+                format!("{}: {}", path.display(), std::io::Error::from(e)),
+                "add yourself to the socket's group: `sudo usermod -aG docker $USER`, then log in again",
+            ),
+        },
+    }
+}
+
+async fn engine_version(engine: &DockerEngine) -> Check {
+    let agreed = engine.api_version();
+    match engine.engine_version().await {
+        Ok((version, api)) => {
+            let detail = format!(
+                "Docker {version} (API {api}; agentbox speaks {agreed}) at {}",
+                crate::runtime::Runtime::describe(engine)
+                    .trim_start_matches("the Docker engine at ")
+            );
+            match parse_version(&api) {
+                Some(found) if found < MIN_API => Check::fail(
+                    "engine",
+                    detail,
+                    format!(
+                        "the engine is older than API {}.{} (Docker 20.10): upgrade it",
+                        MIN_API.0, MIN_API.1
+                    ),
+                ),
+                _ => Check::ok("engine", detail),
+            }
+        }
+        Err(e) => Check::fail(
+            "engine",
+            e.to_string(),
+            "check that the engine is healthy: `docker info`",
+        ),
+    }
+}
+
+async fn git() -> Check {
+    let out = tokio::process::Command::new("git")
+        .arg("--version")
+        .env("LC_ALL", "C")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    let out = match out {
+        Ok(out) if out.status.success() => out,
+        Ok(out) => {
+            return Check::fail(
+                "git",
+                format!(
+                    "git --version failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                "install git (`sudo apt-get install git`)",
+            );
+        }
+        Err(e) => {
+            return Check::fail(
+                "git",
+                format!("cannot run git: {e}"),
+                "install git (`sudo apt-get install git`)",
+            );
+        }
+    };
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let version = text
+        .strip_prefix("git version ")
+        .unwrap_or(&text)
+        .to_owned();
+    match parse_version(&version) {
+        Some(found) if found < RECOMMENDED_GIT => Check::warn(
+            "git",
+            format!("git {version}"),
+            format!(
+                "git {}.{} or newer is recommended; upgrade git",
+                RECOMMENDED_GIT.0, RECOMMENDED_GIT.1
+            ),
+        ),
+        _ => Check::ok("git", format!("git {version}")),
+    }
+}
+
+async fn image(engine: &DockerEngine, image: &str) -> Check {
+    match engine.image_present(image).await {
+        Ok(true) => Check::ok("image", format!("{image} is present")),
+        Ok(false) if image == crate::supervisor::DEFAULT_IMAGE => Check::fail(
+            "image",
+            format!("{image} is not present"),
+            "build it: `agentbox image build` (a few minutes; debootstrap, needs root or sudo)",
+        ),
+        Ok(false) => Check::fail(
+            "image",
+            format!("{image} (from agentbox.toml) is not present"),
+            format!("build or pull it: `docker pull {image}`, or change `image` in agentbox.toml"),
+        ),
+        Err(e) => Check::fail(
+            "image",
+            e.to_string(),
+            "check that the engine is healthy: `docker info`",
+        ),
+    }
+}
+
+/// The state dir: ours, writable, and not writable by others (it holds records and logs).
+fn state_dir(state_home: &Path) -> Check {
+    let dir = state_home.join("agentbox");
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"))
+        .to_owned();
+    let writable = rustix::fs::access(
+        &existing,
+        rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK,
+    );
+    if let Err(e) = writable {
+        return Check::fail(
+            "state dir",
+            format!("{}: {}", existing.display(), std::io::Error::from(e)),
+            format!(
+                "make it yours: `sudo chown -R $USER {}` (or set XDG_STATE_HOME to a directory of yours)",
+                existing.display()
+            ),
+        );
+    }
+    if existing != dir {
+        return Check::ok(
+            "state dir",
+            format!("{} will be made on first use", dir.display()),
+        );
+    }
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(&dir) {
+        Ok(meta) if meta.mode() & 0o022 != 0 => Check::fail(
+            "state dir",
+            format!(
+                "{} is writable by others (mode {:o}): they could change agentbox's records",
+                dir.display(),
+                meta.mode() & 0o777
+            ),
+            format!("`chmod go-w {}`", dir.display()),
+        ),
+        Ok(meta) if meta.uid() != rustix::process::getuid().as_raw() => Check::warn(
+            "state dir",
+            format!("{} belongs to uid {}", dir.display(), meta.uid()),
+            format!("`sudo chown -R $USER {}`", dir.display()),
+        ),
+        Ok(_) => Check::ok(
+            "state dir",
+            format!("{} is yours and writable", dir.display()),
+        ),
+        Err(e) => Check::fail(
+            "state dir",
+            format!("{}: {e}", dir.display()),
+            "check the directory's permissions",
+        ),
+    }
+}
+
+/// Free host ports in the range: not in agentbox's ledger, and free now.
+fn ports(setup: &Setup) -> Check {
+    let range = setup.port_range;
+    let held: Vec<u16> = crate::ports::PortLedger::new(&setup.state_home)
+        .all_held()
+        .unwrap_or_default();
+    let total = usize::from(range.last - range.first) + 1;
+    let free = (range.first..=range.last)
+        .filter(|p| !held.contains(p))
+        .filter(|p| crate::ports::is_free(*p))
+        .count();
+    let detail = format!(
+        "{free} of {total} ports free in {}-{} ({} held by agentbox tasks)",
+        range.first,
+        range.last,
+        held.len()
+    );
+    if free == 0 {
+        Check::fail(
+            "ports",
+            detail,
+            "stop tasks you no longer need (`agentbox ls`, `agentbox stop`), or widen `port_range` in agentbox.toml",
+        )
+    } else {
+        Check::ok("ports", detail)
+    }
+}
+
+/// `major.minor` at the start of a version string.
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_compare_by_major_and_minor() {
+        assert_eq!(parse_version("2.39.5"), Some((2, 39)));
+        assert_eq!(parse_version("1.41"), Some((1, 41)));
+        assert!(parse_version("2.37.1").unwrap() < RECOMMENDED_GIT);
+        assert!(parse_version("2.9.0").unwrap() < RECOMMENDED_GIT);
+        assert_eq!(parse_version("x"), None);
+    }
+
+    #[test]
+    fn a_state_dir_others_can_write_fails() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("agentbox");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let check = state_dir(tmp.path());
+        assert_eq!(check.status, Status::Fail, "{check:?}");
+        assert!(check.fix.unwrap().contains("chmod go-w"));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(state_dir(tmp.path()).status, Status::Ok);
+        assert_eq!(state_dir(&tmp.path().join("new")).status, Status::Ok);
+    }
+}
