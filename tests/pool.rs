@@ -514,3 +514,40 @@ fn a_long_lived_task_from_the_pool_gives_its_commands_the_tasks_environment() {
     env.output(["pool", "drain"]).expect_code(0);
     assert_pool_gone(&env);
 }
+
+#[test]
+fn a_pooled_task_past_its_memory_limit_is_said_to_be_out_of_memory() {
+    let env = TestEnv::new("pool-oom");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&format!(
+        "{}\n[limits]\nmemory = \"64m\"\n",
+        pool_of_one("30490-30499")
+    ));
+    env.output(["pool", "fill"]).expect_code(0);
+    let script = "echo wip > wip.txt && exec tail /dev/zero";
+    let out = env.output(["run", "oom", "--", "sh", "-c", script]);
+    out.expect_code(137);
+    out.expect_stderr_contains("comes from the pool");
+    out.expect_stderr_contains("agentbox: task oom was killed: out of memory (limit 64 MiB)");
+    env.assert_snapshot_holds("oom", "wip.txt", "wip\n");
+    assert_eq!(env.ls_task("oom").unwrap()["oom_killed"], true);
+
+    wait_for_pool(&env, 1);
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+}
+
+#[test]
+fn a_command_the_image_lacks_is_said_as_for_a_cold_start() {
+    let env = TestEnv::new("pool-missing");
+    let _filler = FillerGuard::new(&env);
+    env.write_config(&pool_of_one("30500-30509"));
+    env.output(["pool", "fill"]).expect_code(0);
+    let out = env.output(["run", "nf", "--", "make", "lint"]);
+    out.expect_code(127);
+    out.expect_stderr_contains("comes from the pool");
+    out.expect_stderr_contains("agentbox: command not found in image agentbox/base:bookworm: make");
+    wait_for_pool(&env, 1);
+    env.output(["pool", "drain"]).expect_code(0);
+    assert_pool_gone(&env);
+}

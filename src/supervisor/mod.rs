@@ -575,6 +575,15 @@ impl Supervised<'_> {
             }
         }
         if pooled {
+            if let Some(exit) = exit.as_mut()
+                && exit.code == 137
+                && stopped_by.is_none()
+                && self.request.limits.memory_bytes.is_some()
+            {
+                // The container outlives a command of its own that the OOM killer ended, so the
+                // engine does not say it; the memory cgroup does.
+                exit.oom_killed = self.was_oom_killed(&container_id).await;
+            }
             // What is left in a slot's container after its command is its idle process.
             let _ = self.runtime.kill(&container_id).await;
         }

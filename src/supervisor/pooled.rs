@@ -119,7 +119,11 @@ impl Supervised<'_> {
         let mut command = vec![
             "/bin/sh".to_owned(),
             "-c".to_owned(),
-            format!("echo $$ > {PID_FILE}; exec \"$@\""),
+            // A command the image lacks is said as the container's init says it for a cold
+            // start, so that the same recognition turns it into agentbox's message (and 127).
+            format!(
+                "command -v \"$1\" >/dev/null 2>&1 || {{ echo \"[FATAL tini (0)] exec $1 failed: No such file or directory\" >&2; exit 127; }}; echo $$ > {PID_FILE}; exec \"$@\""
+            ),
             "sh".to_owned(),
         ];
         // A long-lived task idles in the slot's container as it would in its own.
@@ -144,6 +148,37 @@ impl Supervised<'_> {
             tty: false,
             stdin: false,
         }
+    }
+
+    /// Whether the OOM killer killed anything in the container: the memory cgroup counts it
+    /// (`oom_kill` in cgroup v2's `memory.events`, v1's `memory.oom_control`). Read-only to the task;
+    /// at worst a task that replaced `cat` gets a wrong message about itself.
+    pub(super) async fn was_oom_killed(&self, container: &str) -> bool {
+        const MAX: usize = 4096;
+        let spec = ExecSpec {
+            command: vec![
+                "/bin/sh".to_owned(),
+                "-c".to_owned(),
+                "cat /sys/fs/cgroup/memory.events 2>/dev/null || cat /sys/fs/cgroup/memory/memory.oom_control".to_owned(),
+            ],
+            ..ExecSpec::default()
+        };
+        let Ok(mut execution) = self.runtime.exec(container, &spec).await else {
+            return false;
+        };
+        let mut said = Vec::new();
+        while let Some(Ok(item)) = futures::StreamExt::next(&mut execution.output).await {
+            if let crate::runtime::Output::Stdout(bytes) = item
+                && said.len() < MAX
+            {
+                said.extend_from_slice(&bytes[..bytes.len().min(MAX - said.len())]);
+            }
+        }
+        String::from_utf8_lossy(&said).lines().any(|line| {
+            line.strip_prefix("oom_kill ")
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .is_some_and(|n| n > 0)
+        })
     }
 
     /// Asks the command to end (SIGTERM), as the container's own would be asked by a stop.
