@@ -36,6 +36,10 @@ pub enum RuntimeError {
         "container or network name {name} is already in use; remove it or pick another task name"
     )]
     NameInUse { name: String },
+    #[error(
+        "the engine has no free address range for network {network}: each network takes one (the engine's default pools hold about 30); remove networks you do not need (`agentbox gc` removes agentbox's), run fewer tasks with services at once (`batch --parallel`), or give the engine more with `default-address-pools` in /etc/docker/daemon.json"
+    )]
+    NoAddressPool { network: String },
     #[error("service container {service} could not start: {message}")]
     ServiceStart { service: String, message: String },
     #[error("{action} {target} failed: {source}")]

@@ -159,7 +159,16 @@ impl DockerEngine {
             name: format!("{}-{:08x}", spec.name, nanos ^ std::process::id()),
             ..spec.clone()
         };
-        self.make_network(&mine).await?;
+        if let Err(e) = self.make_network(&mine).await {
+            // Tasks starting at once each make a network, and together they can use up the
+            // engine's address pools; one of them made it, and that is the one everyone joins.
+            if matches!(e, RuntimeError::NoAddressPool { .. })
+                && let Some((winner, _)) = self.earliest_network(&labels).await?
+            {
+                return Ok(winner);
+            }
+            return Err(e);
+        }
         let (winner, count) =
             self.earliest_network(&labels)
                 .await?
@@ -223,6 +232,11 @@ impl DockerEngine {
             Err(e) if is_status(&e, &[409]) => Err(RuntimeError::NameInUse {
                 name: spec.name.clone(),
             }),
+            Err(e) if e.to_string().contains("non-overlapping IPv4 address pool") => {
+                Err(RuntimeError::NoAddressPool {
+                    network: spec.name.clone(),
+                })
+            }
             Err(e) => Err(api("creating network", &spec.name)(e)),
         }
     }
