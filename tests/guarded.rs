@@ -623,3 +623,71 @@ fn commits_on_a_branch_of_the_tasks_own_are_kept_too() {
         "the task's branch did not move"
     );
 }
+
+/// A repository the task made inside its worktree — committed as a submodule, or left untracked —
+/// with a filter driver and an fsmonitor in its own config: git on the host, looking into it, would
+/// start another git there that obeys that config. agentbox leaves such repositories out of the
+/// snapshot (and keeps the worktree, so nothing is lost) instead of looking into them.
+#[test]
+fn a_repository_the_task_nests_in_its_worktree_runs_nothing_on_the_host() {
+    let env = TestEnv::new("guard-nested");
+    let before = before(&env, "evil");
+    let m = env.root.join("pwned").display().to_string();
+    let script = format!(
+        r#"set -e
+git init -q sub && (cd sub && echo one > f && git add f && git -c user.name=t -c user.email=t@t commit -qm sub)
+git add sub && git commit -qm "genuine commit with a submodule"
+git init -q other
+for repo in sub other; do
+  printf '[core]\n\tfsmonitor = "touch {m}-fsmonitor-%s; false"\n[filter "evil"]\n\tclean = "touch {m}-filter-%s; cat"\n\tprocess = "touch {m}-process-%s"\n' "$repo" "$repo" "$repo" >> "$repo/.git/config"
+  echo '* filter=evil' > "$repo/.gitattributes"
+  echo changed > "$repo/f"
+done
+echo new > new.txt
+echo ready; {}"#,
+        wait_for_release()
+    );
+    let mut run = env.spawn(["run", "evil", "--", "sh", "-c", &script]);
+    run.wait_for_line("ready");
+    let diff = env.output(["diff", "evil"]);
+    diff.expect_code(0);
+    assert!(diff.stdout.contains("+new"), "{diff}");
+    assert_eq!(
+        markers(&env),
+        Vec::<String>::new(),
+        "diff ran nothing planted"
+    );
+
+    env.release("evil");
+    let out = run.wait();
+    out.expect_code(0);
+    assert!(
+        out.stderr
+            .contains("left out of the snapshot commit: other, sub"),
+        "{out}"
+    );
+    assert_host_untouched(&env, "evil", &before);
+    env.assert_snapshot_holds("evil", "new.txt", "new\n");
+    // The nested repositories' work is still there, in the kept worktree.
+    let worktree = env.worktree_path("evil");
+    assert_eq!(
+        fs::read_to_string(worktree.join("sub/f")).unwrap(),
+        "changed\n"
+    );
+    assert_eq!(
+        fs::read_to_string(worktree.join("other/f")).unwrap(),
+        "changed\n"
+    );
+    let task = env.ls_task("evil").unwrap();
+    let kinds: Vec<(&str, &str)> = task["left_out"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["path"].as_str().unwrap(), l["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [("other", "nested_repository"), ("sub", "nested_repository")],
+        "{task}"
+    );
+}

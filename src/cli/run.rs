@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentbox::config::{Bytes, Cpus, EnvVar, NetworkSetting, parse_env_file};
+use agentbox::git::snapshot::LeftOutKind;
 use agentbox::runtime::Output;
 use agentbox::supervisor::{self, Interactive, RunEvent, RunOutcome, RunRequest, StopLevel};
 use tokio::sync::{mpsc, watch};
@@ -462,15 +463,25 @@ fn report(outcome: &RunOutcome) -> u8 {
     for problem in &summary.problems {
         eprintln!("agentbox: warning: {problem}");
     }
-    if !summary.left_out.is_empty() {
-        let files: Vec<String> = summary
-            .left_out
+    let (nested, large): (Vec<_>, Vec<_>) = summary
+        .left_out
+        .iter()
+        .partition(|l| l.kind == LeftOutKind::NestedRepository);
+    if !large.is_empty() {
+        let files: Vec<String> = large
             .iter()
-            .map(|l| format!("{} ({})", l.path, agentbox::config::Bytes(l.size)))
+            .map(|l| format!("{} ({})", l.path, Bytes(l.size)))
             .collect();
         eprintln!(
             "agentbox: too large for the snapshot commit, so left out of it: {}",
             files.join(", ")
+        );
+    }
+    if !nested.is_empty() {
+        let paths: Vec<&str> = nested.iter().map(|l| l.path.as_str()).collect();
+        eprintln!(
+            "agentbox: repositories inside the worktree are not looked into (their configuration would run on your machine), so left out of the snapshot commit: {}",
+            paths.join(", ")
         );
     }
     if let Some(kept) = &summary.kept {

@@ -5,8 +5,9 @@
 //! configuration and an index of agentbox's own, started from the index of the checkout (so only
 //! files whose stat changed are read again) and moved to the branch's current tip with
 //! `read-tree --reset` (which keeps the stats of entries the tip did not change). `git add -A` then records the worktree as it is, minus agentbox's own files and
-//! minus files too large to keep (a 3 GB sparse file is not read: its size says enough). Those are
-//! *left out*, and the caller keeps the worktree so that nothing is lost.
+//! minus files too large to keep (a 3 GB sparse file is not read: its size says enough) and minus
+//! repositories the task made inside its worktree (git would run a git in them, which obeys their
+//! configuration). Those are *left out*, and the caller keeps the worktree so that nothing is lost.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,12 +17,27 @@ use serde::{Deserialize, Serialize};
 use super::command::{Git, GuardedPaths};
 use super::{GitError, Identity, Repo, TaskDirs};
 
-/// A file the snapshot did not take because it is larger than the limit.
+/// A path the snapshot did not take; the worktree is kept instead, so that nothing is lost.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeftOut {
     /// Relative to the worktree.
     pub path: String,
     pub size: u64,
+    #[serde(default)]
+    pub kind: LeftOutKind,
+}
+
+/// Why a path was left out of a snapshot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeftOutKind {
+    /// A file larger than the limit.
+    #[default]
+    TooLarge,
+    /// A repository of the task's own inside the worktree (or a path through a symlink where one
+    /// was). Looking into it would make git start another git there, which obeys that
+    /// repository's configuration: the task's filters and drivers, on the host.
+    NestedRepository,
 }
 
 /// What a snapshot made.
@@ -244,7 +260,17 @@ async fn stage(
         git.run(&["read-tree", "--reset", &tip_hex]).await?;
     }
 
-    let left_out = large_changes(git, &dirs.worktree, staging.max_file_size).await?;
+    let (mut left_out, untracked_dirs) =
+        large_changes(git, &dirs.worktree, staging.max_file_size).await?;
+    let (worktree, index_path) = (dirs.worktree.clone(), index.to_owned());
+    let nested = tokio::task::spawn_blocking(move || {
+        let mut candidates = gitlinks(&index_path)?;
+        candidates.extend(untracked_dirs);
+        Ok::<_, GitError>(nested_repositories(&worktree, candidates))
+    })
+    .await
+    .expect("looking for nested repositories does not panic")?;
+    left_out.extend(nested);
 
     let excludes: Vec<String> = left_out
         .iter()
@@ -275,15 +301,22 @@ async fn stage(
 /// The files `git add -A` would take that are larger than `limit`: untracked ones git does not
 /// ignore, and tracked ones whose stat changed. git lists them (without descending into ignored
 /// directories, so 50,000 files under `node_modules/` cost nothing); their sizes come from `lstat`,
-/// and none is read.
-async fn large_changes(git: &Git, worktree: &Path, limit: u64) -> Result<Vec<LeftOut>, GitError> {
+/// and none is read. Also returns the untracked directories git lists as a whole (`dir/`): git
+/// does that for a repository inside the worktree. Submodules are not looked into (git would
+/// start a git inside them).
+async fn large_changes(
+    git: &Git,
+    worktree: &Path,
+    limit: u64,
+) -> Result<(Vec<LeftOut>, Vec<String>), GitError> {
     let (others, modified) = tokio::join!(
         git.run(&["ls-files", "-z", "--others", "--exclude-standard"]),
-        git.run(&["diff-files", "-z", "--name-only"])
+        git.run(&["diff-files", "-z", "--name-only", "--ignore-submodules=all"])
     );
     let (others, modified) = (others?, modified?);
     let worktree = worktree.to_owned();
-    let left_out = tokio::task::spawn_blocking(move || {
+    let found = tokio::task::spawn_blocking(move || {
+        let mut untracked_dirs = Vec::new();
         let mut left_out: Vec<LeftOut> = others
             .stdout
             .split(|&b| b == 0)
@@ -291,25 +324,69 @@ async fn large_changes(git: &Git, worktree: &Path, limit: u64) -> Result<Vec<Lef
             .filter(|p| !p.is_empty())
             .filter_map(|p| {
                 let path = String::from_utf8_lossy(p).into_owned();
+                if let Some(dir) = path.strip_suffix('/') {
+                    untracked_dirs.push(dir.to_owned());
+                    return None;
+                }
                 let meta = std::fs::symlink_metadata(worktree.join(&path)).ok()?;
                 (meta.is_file() && meta.len() > limit).then_some(LeftOut {
                     path,
                     size: meta.len(),
+                    kind: LeftOutKind::TooLarge,
                 })
             })
             .collect();
         left_out.sort_by(|a, b| a.path.cmp(&b.path));
         left_out.dedup();
-        left_out
+        (left_out, untracked_dirs)
     })
     .await
     .expect("looking at file sizes does not panic");
-    Ok(left_out)
+    Ok(found)
 }
 
-/// Path -> (size, mtime seconds, mtime nanoseconds) of every entry of an index agentbox wrote.
-fn index_stats(index: &Path) -> Result<HashMap<String, (u32, u32, u32)>, GitError> {
-    let file = gix::index::File::at(
+/// Paths of the submodule entries (gitlinks) of an index.
+fn gitlinks(index: &Path) -> Result<Vec<String>, GitError> {
+    let file = read_index(index)?;
+    Ok(file
+        .entries()
+        .iter()
+        .filter(|entry| entry.mode == gix::index::entry::Mode::COMMIT)
+        .map(|entry| entry.path(&file).to_string())
+        .collect())
+}
+
+/// Which of `candidates` (gitlinks, untracked directories) are repositories in the worktree that
+/// git would look into by starting another git there, or lie behind a symlink: left out, with
+/// everything below them.
+fn nested_repositories(worktree: &Path, candidates: Vec<String>) -> Vec<LeftOut> {
+    let mut nested: Vec<LeftOut> = candidates
+        .into_iter()
+        .filter(|path| {
+            let mut at = worktree.to_owned();
+            for part in Path::new(path).components() {
+                at.push(part);
+                match std::fs::symlink_metadata(&at) {
+                    Ok(meta) if meta.file_type().is_symlink() => return true,
+                    Ok(_) => {}
+                    Err(_) => return false,
+                }
+            }
+            std::fs::symlink_metadata(at.join(".git")).is_ok()
+        })
+        .map(|path| LeftOut {
+            path,
+            size: 0,
+            kind: LeftOutKind::NestedRepository,
+        })
+        .collect();
+    nested.sort_by(|a, b| a.path.cmp(&b.path));
+    nested.dedup();
+    nested
+}
+
+fn read_index(index: &Path) -> Result<gix::index::File, GitError> {
+    gix::index::File::at(
         index,
         gix::hash::Kind::Sha1,
         true,
@@ -319,7 +396,12 @@ fn index_stats(index: &Path) -> Result<HashMap<String, (u32, u32, u32)>, GitErro
         action: "read the index",
         path: index.to_owned(),
         source: std::io::Error::other(e.to_string()),
-    })?;
+    })
+}
+
+/// Path -> (size, mtime seconds, mtime nanoseconds) of every entry of an index agentbox wrote.
+fn index_stats(index: &Path) -> Result<HashMap<String, (u32, u32, u32)>, GitError> {
+    let file = read_index(index)?;
     Ok(file
         .entries()
         .iter()
