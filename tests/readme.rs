@@ -1,5 +1,6 @@
-//! The README's worked example, run as written on the default image: every `$ ` line of the console
-//! block after `<!-- readme-example -->`, in order, in a fresh repository, must succeed.
+//! The README's examples, run as written on the default image: every `$ ` line of the console
+//! blocks after `<!-- readme-intro -->` and `<!-- readme-example -->`, in order, in a fresh
+//! repository, must succeed; the task file after `<!-- readme-batch -->` runs with `agentbox batch`.
 
 mod common;
 
@@ -9,12 +10,19 @@ use std::process::{Command, Stdio};
 
 use common::*;
 
-/// The commands of the README's worked example.
+/// The commands of the README's opening example and of its worked example.
 fn example_commands() -> Vec<String> {
+    let mut commands = commands_after("<!-- readme-intro -->");
+    commands.extend(commands_after("<!-- readme-example -->"));
+    commands
+}
+
+/// The `$ ` lines of the console block after `marker`.
+fn commands_after(marker: &str) -> Vec<String> {
     let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let (_, after) = readme
-        .split_once("<!-- readme-example -->")
-        .expect("the README marks its worked example");
+        .split_once(marker)
+        .unwrap_or_else(|| panic!("the README has {marker}"));
     let block = after
         .split_once("```console\n")
         .and_then(|(_, rest)| rest.split_once("\n```"))
@@ -84,7 +92,35 @@ fn the_worked_example_runs_as_written() {
             "fix auth"
         ]
     );
+    assert_eq!(env.subjects("main..agentbox/hello"), ["say hello"]);
     assert!(env.ls_task("fix-auth").is_none(), "rm forgot it");
     assert!(!env.branch_exists("agentbox/lint"), "lint changed nothing");
+    assert_eq!(env.containers(), Vec::<String>::new());
+}
+
+/// The README's task file for `agentbox batch`, run as written on the default image.
+#[test]
+fn the_batch_example_runs_as_written() {
+    let env = TestEnv::new("readme-batch");
+    let readme = fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (_, after) = readme
+        .split_once("<!-- readme-batch -->")
+        .expect("the README marks its batch example");
+    let tasks = after
+        .split_once("```toml\n")
+        .and_then(|(_, rest)| rest.split_once("\n```"))
+        .map(|(block, _)| block)
+        .expect("a toml block follows the marker");
+    let file = env.root.join("tasks.toml");
+    fs::write(&file, tasks).unwrap();
+    let out = env.output(["batch", file.to_str().unwrap()]);
+    // lint finds no TODO: grep's exit code 1 is the batch's, as the README says.
+    out.expect_code(1);
+    assert_eq!(
+        env.subjects("main..agentbox/fix-auth"),
+        ["fix auth"],
+        "{out}"
+    );
+    assert!(out.stdout.contains("fix-auth  0"), "{out}");
     assert_eq!(env.containers(), Vec::<String>::new());
 }
