@@ -7,12 +7,17 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Leaves uncommitted work, says `ready`, then runs until stopped. `sleep` as PID 1 ignores SIGTERM,
-/// so the tests pass a short grace period.
+/// Leaves uncommitted work, says `ready`, then runs until stopped. The container's init (PID 1)
+/// passes SIGTERM on to `sleep`, which ends at once.
 const WIP: &str = "echo dirty > wip.txt; echo ready; exec sleep 300";
 
-/// Like [`WIP`], but the shell (PID 1) handles SIGTERM and ends at once, so no grace period is needed.
+/// Like [`WIP`], but the shell handles the SIGTERM the init passes on and exits 0.
 const WIP_TERM: &str = "echo dirty > wip.txt; trap 'exit 0' TERM; echo ready; sleep 300 & wait";
+
+/// Like [`WIP`], but the shell ignores SIGTERM (and so does every `sleep` it starts, which inherits
+/// that): only the kill after the grace period ends it.
+const WIP_IGNORING_TERM: &str =
+    "echo dirty > wip.txt; trap '' TERM; echo ready; while :; do sleep 1; done";
 
 fn assert_stopped_with_snapshot(env: &TestEnv, task: &str) {
     env.assert_torn_down(task);
@@ -60,7 +65,8 @@ fn stop_command_ends_running_task_after_teardown() {
 #[test]
 fn stop_time_option_overrides_the_grace_period() {
     let env = TestEnv::new("stop-time");
-    // `sleep` as PID 1 ignores SIGTERM: only the kill after the grace period ends it.
+    // The command ignores SIGTERM, so `stop` ends only once the kill after `--time` came: not
+    // before that second, and long before the 60 s the task was started with.
     let mut run = env.spawn([
         "run",
         "grace",
@@ -69,17 +75,22 @@ fn stop_time_option_overrides_the_grace_period() {
         "--",
         "sh",
         "-c",
-        WIP,
+        WIP_IGNORING_TERM,
     ]);
     run.wait_for_line("ready");
 
     let asked = Instant::now();
-    let stop = env.output(["stop", "grace", "--time", "1"]);
+    let stop = env.output(["stop", "-t", "1", "grace"]);
+    let took = asked.elapsed();
     stop.expect_code(0);
     assert!(
-        asked.elapsed() < Duration::from_secs(30),
-        "stop --time 1 took {:?}: the task's 60 s grace period was used\n{stop}",
-        asked.elapsed()
+        took >= Duration::from_secs(1),
+        "stop -t 1 took {took:?}: the command ignores SIGTERM, so it ended before its 1 s grace \
+         period was up\n{stop}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "stop -t 1 took {took:?}: the task's 60 s grace period was used\n{stop}"
     );
     run.wait().expect_code(143);
     assert_stopped_with_snapshot(&env, "grace");
