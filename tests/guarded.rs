@@ -691,3 +691,31 @@ echo ready; {}"#,
         "{task}"
     );
 }
+
+/// A task that makes the env file a tracked file (`git add -f`, without committing it) still never
+/// gets it into the snapshot: its values (secrets among them) stay out of the repository.
+#[test]
+fn the_env_file_stays_out_of_the_snapshot_when_the_task_stages_it() {
+    let env = TestEnv::new("guard-envfile-staged");
+    env.write_config("[env]\nSECRETISH = \"s3cret-value\"\n");
+    let script = "git add -f .env.agentbox && echo 'SECRETISH=changed' >> .env.agentbox \
+                  && git status --porcelain -- .env.agentbox && echo work > work.txt";
+    let out = env.output(["run", "stager", "--", "sh", "-c", script]);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout_lines(),
+        ["AM .env.agentbox"],
+        "the task staged it\n{out}"
+    );
+    env.assert_snapshot_holds("stager", "work.txt", "work\n");
+    assert_eq!(
+        env.file_at("agentbox/stager", ".env.agentbox"),
+        None,
+        "{out}"
+    );
+    let everything = env.git(["log", "-p", "--all"]);
+    // agentbox.toml holds `SECRETISH = "…"`; only the env file holds `SECRETISH=…` lines.
+    assert!(!everything.contains("SECRETISH=s3cret-value"), "{everything}");
+    assert!(!everything.contains("SECRETISH=changed"), "{everything}");
+    env.assert_torn_down("stager");
+}
