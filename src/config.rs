@@ -63,6 +63,9 @@ pub struct ServiceConfig {
     #[serde(default)]
     pub ports: IndexMap<String, u16>,
     pub command: Option<CommandSpec>,
+    /// What the service may use; what it does not set, it shares the task's values of.
+    #[serde(default)]
+    pub limits: LimitsConfig,
 }
 
 /// An inclusive range of host ports, written `"20000-29999"`.
@@ -129,6 +132,22 @@ pub struct LimitsConfig {
     pub memory: Option<Bytes>,
     /// Processes and threads the task may run at once; `-1` or `0` is no limit.
     pub pids: Option<i64>,
+}
+
+impl LimitsConfig {
+    /// `limits` with what this sets put over it.
+    pub fn over(&self, mut limits: crate::runtime::Limits) -> crate::runtime::Limits {
+        if let Some(cpus) = self.cpus {
+            limits.nano_cpus = Some(cpus.0);
+        }
+        if let Some(memory) = self.memory {
+            limits.memory_bytes = Some(memory.0);
+        }
+        if let Some(pids) = self.pids {
+            limits.pids = u64::try_from(pids).ok().filter(|p| *p > 0);
+        }
+        limits
+    }
 }
 
 /// A size in bytes written with docker's units (`512m`, `2g`, `1.5GiB`, or a bare number of bytes).

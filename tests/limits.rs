@@ -317,3 +317,58 @@ fn bad_limits_and_ports_are_refused_before_anything_starts() {
     let out = env.output(["run", "bad", "--memory", "lots", "--", "true"]);
     out.expect_code(125);
 }
+
+/// A service shares the task's limits unless it sets its own (`[services.<name>.limits]`), and a
+/// task of a batch file sets its own over `agentbox.toml`'s.
+#[test]
+fn services_share_the_tasks_limits_unless_they_set_their_own() {
+    ensure_tools_image();
+    let env = TestEnv::new("limits-services");
+    env.write_config(&format!(
+        "[limits]\nmemory = \"300m\"\npids = 300\n\
+         [services.db]\nimage = \"{TOOLS_IMAGE}\"\ncommand = \"exec busybox sleep 300\"\n\
+         [services.db.limits]\npids = 100\n"
+    ));
+    let tasks = env.root.join("tasks.toml");
+    std::fs::write(
+        &tasks,
+        format!(
+            "[[task]]\nname = \"svc\"\nlimits = {{ pids = 150 }}\ncommand = \"echo ready; {}\"\n",
+            wait_for_release().replace('"', "\\\"")
+        ),
+    )
+    .unwrap();
+    let mut batch = env.spawn(["batch", tasks.to_str().unwrap()]);
+    batch.wait_for_line("svc | ready");
+    let limits_of = |service: Option<&str>| {
+        let test = format!("label={TEST_LABEL}={}", env.id);
+        let mut args = vec!["ps", "-q", "--filter", test.as_str()];
+        let service_filter = service.map(|s| format!("label=agentbox.service={s}"));
+        if let Some(filter) = &service_filter {
+            args.extend(["--filter", filter.as_str()]);
+        }
+        let ids = docker_lines(&args);
+        let id = ids
+            .iter()
+            .find(|id| {
+                let labels = env.inspect(id)["Config"]["Labels"].clone();
+                labels.get("agentbox.service").is_some() == service.is_some()
+            })
+            .unwrap_or_else(|| panic!("a container for {service:?} among {ids:?}"))
+            .clone();
+        let host = env.inspect(&id)["HostConfig"].clone();
+        (host["PidsLimit"].as_i64(), host["Memory"].as_i64())
+    };
+    assert_eq!(
+        limits_of(None),
+        (Some(150), Some(300 << 20)),
+        "the batch task's own pids over agentbox.toml's memory"
+    );
+    assert_eq!(
+        limits_of(Some("db")),
+        (Some(100), Some(300 << 20)),
+        "the service's own pids, the task's memory"
+    );
+    env.release("svc");
+    batch.wait().expect_code(0);
+}

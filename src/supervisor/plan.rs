@@ -152,7 +152,7 @@ pub(crate) fn plan(
                 .map(|(name, port)| (*port, host_ports[&format!("{service}.{name}")]))
                 .collect(),
             network: attach(vec![service.clone()]),
-            limits: request.limits,
+            limits: spec.limits.over(request.limits),
             ..ContainerSpec::default()
         });
     }

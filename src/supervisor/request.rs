@@ -153,15 +153,7 @@ impl RunRequest {
 
     /// Applies `[limits]` of `agentbox.toml` (or a task file) over the limits the request has.
     pub fn apply_limits(&mut self, limits: &crate::config::LimitsConfig) {
-        if let Some(cpus) = limits.cpus {
-            self.limits.nano_cpus = Some(cpus.0);
-        }
-        if let Some(memory) = limits.memory {
-            self.limits.memory_bytes = Some(memory.0);
-        }
-        if let Some(pids) = limits.pids {
-            self.limits.pids = u64::try_from(pids).ok().filter(|p| *p > 0);
-        }
+        self.limits = limits.over(self.limits);
     }
 
     /// A request as `agentbox.toml` describes it, before command-line flags override it.

@@ -704,7 +704,7 @@ impl Drop for TestEnv {
     }
 }
 
-fn docker_lines(args: &[&str]) -> Vec<String> {
+pub fn docker_lines(args: &[&str]) -> Vec<String> {
     let out = Command::new("docker")
         .args(args)
         .stdin(Stdio::null())
