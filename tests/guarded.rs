@@ -715,7 +715,10 @@ fn the_env_file_stays_out_of_the_snapshot_when_the_task_stages_it() {
     );
     let everything = env.git(["log", "-p", "--all"]);
     // agentbox.toml holds `SECRETISH = "…"`; only the env file holds `SECRETISH=…` lines.
-    assert!(!everything.contains("SECRETISH=s3cret-value"), "{everything}");
+    assert!(
+        !everything.contains("SECRETISH=s3cret-value"),
+        "{everything}"
+    );
     assert!(!everything.contains("SECRETISH=changed"), "{everything}");
     env.assert_torn_down("stager");
 }

@@ -79,6 +79,7 @@ impl Fixture {
                 env: IndexMap::new(),
                 ports: IndexMap::new(),
                 command: None,
+                limits: Default::default(),
             },
         )]);
         request.stop_timeout = Duration::from_secs(1);
