@@ -80,7 +80,9 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
     let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);
     let stop_seen = stop_rx.clone();
     let signals = tokio::spawn(forward_signals(stop_tx));
-    let (events_tx, events_rx) = mpsc::channel(1024);
+    // Few events wait for the renderer: one can hold a 1 MiB piece of a line, and a renderer held
+    // up (a slow pipe, a terminal) must slow the tasks' output down, not fill the memory.
+    let (events_tx, events_rx) = mpsc::channel(4);
     let names: Vec<String> = tasks.iter().map(|t| t.name.to_string()).collect();
     let renderer = if args.json {
         tokio::spawn(render_json(events_rx, args.log_lines))
@@ -145,12 +147,12 @@ async fn render_json(mut events: mpsc::Receiver<Timed>, log_lines: bool) {
         if !stdout_open || (!log_lines && matches!(event.event, BatchEvent::Log { .. })) {
             continue;
         }
-        let mut line = serde_json::to_string(&event).expect("events always serialise");
-        line.push('\n');
         let mut out = std::io::stdout().lock();
+        // Straight to stdout, not through a string: an event can carry a 1 MiB piece of a line.
         // A reader that went away must not stop the tasks: keep draining, stop writing.
-        stdout_open = out
-            .write_all(line.as_bytes())
+        stdout_open = serde_json::to_writer(&mut out, &event)
+            .map_err(std::io::Error::from)
+            .and_then(|()| out.write_all(b"\n"))
             .and_then(|()| out.flush())
             .is_ok();
     }
