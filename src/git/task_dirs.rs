@@ -138,10 +138,21 @@ impl TaskDirs {
             write_new(path, contents.as_bytes()).map_err(io("write", path))?;
         }
 
-        if let Some(root) = self.worktree.parent() {
-            fs::create_dir_all(root).map_err(io("create", root))?;
+        // The worktree root goes with its last worktree, and the purge of a task that just ended
+        // may remove it between the two steps here: then it is made again.
+        let mut attempts = 0;
+        loop {
+            if let Some(root) = self.worktree.parent() {
+                fs::create_dir_all(root).map_err(io("create", root))?;
+            }
+            match fs::create_dir(&self.worktree) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempts < 10 => {
+                    attempts += 1;
+                }
+                Err(e) => return Err(io("create", &self.worktree)(e)),
+            }
         }
-        fs::create_dir(&self.worktree).map_err(io("create", &self.worktree))?;
         let dot_git = self.worktree.join(".git");
         write_new(&dot_git, format!("gitdir: {}\n", t.display()).as_bytes())
             .map_err(io("write", &dot_git))
