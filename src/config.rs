@@ -275,6 +275,10 @@ pub enum NetworkSetting {
 #[serde(deny_unknown_fields)]
 pub struct ProjectConfig {
     pub image: Option<String>,
+    /// The devcontainer.json to take the task's environment from (a path in the repository, read
+    /// at the task's base commit); without `image` or this, `.devcontainer/devcontainer.json` or
+    /// `.devcontainer.json` is used when there is one.
+    pub devcontainer: Option<String>,
     /// Where task worktrees go, relative to the repository root.
     pub worktree_root: Option<PathBuf>,
     /// Untracked or ignored files copied from the source checkout into each new worktree.
@@ -434,7 +438,7 @@ fn check_service_name(name: &str) -> Result<(), String> {
     }
 }
 
-fn check_env_key(key: &str) -> Result<(), String> {
+pub fn check_env_key(key: &str) -> Result<(), String> {
     if key.is_empty() || key.contains('=') || key.chars().any(char::is_whitespace) {
         Err(format!(
             "variable name {key:?} must be non-empty, without '=' or whitespace"

@@ -21,6 +21,8 @@ pub struct EnvSources<'a> {
     pub task_ports: &'a IndexMap<String, PortMapping>,
     /// Host ports by template name: `web`, `db.pg`.
     pub host_ports: &'a BTreeMap<String, u16>,
+    /// Values from the repository's devcontainer.json: over agentbox's own, under `[env]`.
+    pub devcontainer: &'a [EnvVar],
     pub templates: &'a IndexMap<String, String>,
     pub explicit: &'a [EnvVar],
     pub host_env: &'a BTreeMap<String, String>,
@@ -66,6 +68,7 @@ pub fn resolve(sources: &EnvSources) -> Result<Vec<EnvVar>, ConfigError> {
         ports: sources.host_ports,
         host_env: Some(sources.host_env),
     };
+    vars.extend(sources.devcontainer.iter().cloned());
     for (key, template) in sources.templates {
         let (value, secret) = expand(template, &format!("[env] {key}"), &context)?;
         vars.push(EnvVar {
@@ -179,6 +182,7 @@ mod tests {
         }];
         let host_env = BTreeMap::from([("HOST_TOKEN".to_owned(), "s3cret".to_owned())]);
         let vars = resolve(&EnvSources {
+            devcontainer: &[],
             task: "t1",
             branch: "agentbox/t1",
             identity: &identity,

@@ -9,6 +9,7 @@ pub mod batch;
 pub mod config;
 pub mod control;
 pub mod copy;
+pub mod devcontainer;
 pub mod docker;
 pub mod doctor;
 pub mod environment;

@@ -114,6 +114,54 @@ pub struct ContainerSpec {
     /// The terminal's size `(rows, cols)` from the start, on engines that take it at creation;
     /// others get it through [`Runtime::resize`] right after the start.
     pub console_size: Option<(u16, u16)>,
+    /// Beyond agentbox's defaults (which drop capabilities and forbid new privileges).
+    pub privileges: Privileges,
+}
+
+/// What a container may do beyond agentbox's defaults; granted only when the user asked for it
+/// (`--allow-privileged`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Privileges {
+    /// Every capability and device: `docker run --privileged`.
+    pub privileged: bool,
+    /// Capabilities given back (`SYS_PTRACE`).
+    pub cap_add: Vec<String>,
+    /// `docker run --security-opt` values.
+    pub security_opt: Vec<String>,
+}
+
+impl Privileges {
+    pub fn is_empty(&self) -> bool {
+        !self.privileged && self.cap_add.is_empty() && self.security_opt.is_empty()
+    }
+
+    /// `privileged, capAdd SYS_PTRACE`
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.privileged {
+            parts.push("privileged".to_owned());
+        }
+        if !self.cap_add.is_empty() {
+            parts.push(format!("capAdd {}", self.cap_add.join(" ")));
+        }
+        if !self.security_opt.is_empty() {
+            parts.push(format!("securityOpt {}", self.security_opt.join(" ")));
+        }
+        parts.join(", ")
+    }
+}
+
+/// An image to build from a tar of its context.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BuildSpec {
+    pub tag: String,
+    /// The build context as a tar.
+    pub context: Vec<u8>,
+    /// The Dockerfile's path inside the context.
+    pub dockerfile: String,
+    pub args: Vec<(String, String)>,
+    pub target: Option<String>,
+    pub labels: HashMap<String, String>,
 }
 
 /// A host path bound into a container.
@@ -164,6 +212,9 @@ pub struct SandboxPlan {
     pub task: ContainerSpec,
     /// Shell commands run in the task's container before its command.
     pub setup: Vec<String>,
+    /// Variables the container's shell sets before the setup and the command (`KEY`, a value
+    /// in which `${VAR}` names the container's own variables).
+    pub shell_env: Vec<(String, String)>,
 }
 
 /// What exists of a task's sandbox (complete, or as far as a failed creation got).
@@ -353,6 +404,16 @@ pub trait Runtime: Send + Sync {
     /// its id.
     async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
 
+    /// Whether an image of this name is present locally.
+    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError>;
+
+    /// Builds an image; each line of the build's output goes to `progress`.
+    async fn build_image(
+        &self,
+        spec: &BuildSpec,
+        progress: &(dyn for<'line> Fn(&'line str) + Sync),
+    ) -> Result<(), RuntimeError>;
+
     /// Removes whatever exists of a sandbox: its containers at once, then its network. Returns what
     /// could not be removed.
     async fn remove_sandbox(&self, sandbox: &Sandbox) -> Vec<RuntimeError> {
@@ -375,6 +436,7 @@ pub trait Runtime: Send + Sync {
 /// image's default command). Returns the new entrypoint and command.
 pub fn wrap_with_setup(
     setup: &[String],
+    shell_env: &[(String, String)],
     command: Option<Vec<String>>,
     image: &ImageDefaults,
 ) -> (Vec<String>, Vec<String>) {
@@ -389,6 +451,9 @@ pub fn wrap_with_setup(
          \x20 fi\n\
          }\n",
     );
+    for (key, value) in shell_env {
+        script.push_str(&format!("export {key}={}\n", shell_value(value)));
+    }
     for (index, step) in setup.iter().enumerate() {
         script.push_str(&format!(
             "agentbox_setup {} {}\n",
@@ -408,6 +473,31 @@ pub fn wrap_with_setup(
     (entrypoint, cmd)
 }
 
+/// `value` for the shell: literal but for `${VAR}`, which the shell expands.
+fn shell_value(value: &str) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        let Some(end) = rest[start..].find('}') else {
+            break;
+        };
+        let name = &rest[start + 2..start + end];
+        if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            if start > 0 {
+                out.push_str(&shell_words::quote(&rest[..start]));
+            }
+            out.push_str(&format!("\"${{{name}}}\""));
+        } else {
+            out.push_str(&shell_words::quote(&rest[..start + end + 1]));
+        }
+        rest = &rest[start + end + 1..];
+    }
+    if !rest.is_empty() || out.is_empty() {
+        out.push_str(&shell_words::quote(rest));
+    }
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod fake;
 
@@ -422,7 +512,7 @@ mod tests {
             cmd: vec!["serve".into()],
         };
         let setup = vec!["npm ci".to_owned(), "echo 'it''s'".to_owned()];
-        let (entrypoint, cmd) = wrap_with_setup(&setup, None, &image);
+        let (entrypoint, cmd) = wrap_with_setup(&setup, &[], None, &image);
         assert_eq!(entrypoint[0], "/bin/sh");
         assert!(entrypoint[2].contains("agentbox_setup 1 'npm ci'\n"));
         assert!(entrypoint[2].contains("agentbox_setup 2 "));
@@ -434,7 +524,17 @@ mod tests {
             .trim_start_matches("agentbox_setup 2 ");
         assert_eq!(shell_words::split(quoted).unwrap(), ["echo 'it''s'"]);
         assert_eq!(cmd, ["/entry", "serve"]);
-        let (_, cmd) = wrap_with_setup(&setup, Some(vec!["make".into()]), &image);
+        let (_, cmd) = wrap_with_setup(&setup, &[], Some(vec!["make".into()]), &image);
         assert_eq!(cmd, ["/entry", "make"]);
+    }
+
+    #[test]
+    fn shell_env_is_literal_but_for_the_containers_variables() {
+        let value = shell_value("${PATH}:/it's/$(x)");
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("PATH=/bin; printf %s {value}")])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "/bin:/it's/$(x)");
     }
 }

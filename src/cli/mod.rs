@@ -8,6 +8,7 @@ mod batch;
 mod completions;
 mod conflicts;
 mod detach;
+mod devcontainer;
 mod diff;
 mod doctor;
 mod env;

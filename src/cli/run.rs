@@ -37,6 +37,10 @@ pub struct Args {
     /// $AGENTBOX_DETACH_KEYS, or ctrl-p,ctrl-q]
     #[arg(long, value_name = "KEYS")]
     pub detach_keys: Option<String>,
+    /// Print what the task would be (image, mounts, ports, environment with secrets masked,
+    /// setup steps) and create nothing
+    #[arg(long, conflicts_with_all = ["detach", "interactive", "tty"])]
+    pub dry_run: bool,
     /// The command to run; the image's default command when omitted
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -87,6 +91,8 @@ pub struct TaskOptions {
     stop_timeout: u64,
     #[command(flatten)]
     limits: LimitArgs,
+    #[command(flatten)]
+    pub devcontainer: super::devcontainer::DevcontainerArgs,
 }
 
 /// Limits of the task's container (and of its services that set none of their own).
@@ -222,7 +228,8 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
     let task = task_name(&args.options.task, EXIT_AGENTBOX_FAILED)?;
     let env = explicit_env(context, &args)?;
     let labels = labels(&args.options.labels)?;
-    let user = Some(args.options.user.unwrap_or_else(default_user));
+    let user_given = args.options.user.is_some();
+    let user = Some(args.options.user.clone().unwrap_or_else(default_user));
     let from_head = args
         .options
         .base
@@ -246,6 +253,7 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
     };
     // A slot's container was made without a terminal or stdin.
     let poolable = !args.options.no_pool && !args.interactive && !args.tty;
+    let image_flag = args.options.image.is_some();
     let mut request = RunRequest {
         image: args.options.image.unwrap_or(from_config.image.clone()),
         base: args.options.base,
@@ -264,8 +272,24 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         ..from_config
     };
     args.options
+        .devcontainer
+        .apply(
+            &ws,
+            &*runtime,
+            &mut request,
+            &config,
+            image_flag,
+            user_given,
+        )
+        .await?;
+    args.options
         .limits
         .apply(&mut request, context.env.total_memory)?;
+    if args.dry_run {
+        let text = super::devcontainer::describe(&ws, &request)?;
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
+        return Ok(0);
+    }
     // The teardown returns once the work is safe; the directories go in the background.
     request.defer_deletion = true;
     let (stop_tx, stop_rx) = watch::channel(StopLevel::Continue);

@@ -16,6 +16,7 @@ pub async fn up(context: &Context, args: Args) -> Result<u8, CommandError> {
         interactive: false,
         tty: false,
         detach_keys: None,
+        dry_run: false,
         command: Vec::new(),
     };
     run::run(context, args).await

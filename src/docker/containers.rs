@@ -139,8 +139,27 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             // An init as PID 1 forwards SIGTERM to the command and reaps its children, so a
             // graceful stop works even for a shell that would ignore signals as PID 1.
             init: Some(true),
-            cap_drop: Some(DROPPED_CAPABILITIES.iter().map(|c| c.to_string()).collect()),
-            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            privileged: Some(spec.privileges.privileged),
+            cap_drop: Some(
+                DROPPED_CAPABILITIES
+                    .iter()
+                    .filter(|c| {
+                        !spec.privileges.privileged
+                            && !spec.privileges.cap_add.iter().any(|a| {
+                                a.eq_ignore_ascii_case(c)
+                                    || a.eq_ignore_ascii_case(&format!("CAP_{c}"))
+                            })
+                    })
+                    .map(|c| c.to_string())
+                    .collect(),
+            ),
+            cap_add: (!spec.privileges.cap_add.is_empty()).then(|| spec.privileges.cap_add.clone()),
+            security_opt: Some(
+                std::iter::once("no-new-privileges:true".to_owned())
+                    .filter(|_| !spec.privileges.privileged)
+                    .chain(spec.privileges.security_opt.iter().cloned())
+                    .collect(),
+            ),
             memory: limit(spec.limits.memory_bytes),
             // No swap beyond the memory limit: a task over its limit is stopped, not slowed down
             // until the machine is.

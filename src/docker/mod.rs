@@ -334,9 +334,13 @@ impl Runtime for DockerEngine {
         {
             *name = id;
         }
-        if !plan.setup.is_empty() {
-            let (entrypoint, cmd) =
-                wrap_with_setup(&plan.setup, task.command.take(), &task_defaults);
+        if !plan.setup.is_empty() || !plan.shell_env.is_empty() {
+            let (entrypoint, cmd) = wrap_with_setup(
+                &plan.setup,
+                &plan.shell_env,
+                task.command.take(),
+                &task_defaults,
+            );
             task.entrypoint = Some(entrypoint);
             task.command = Some(cmd);
         }
@@ -572,6 +576,51 @@ impl Runtime for DockerEngine {
     async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         self.ensure_image(&spec.image).await?;
         self.make_container(spec).await
+    }
+
+    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
+        Ok(self.image_defaults(image).await?.is_some())
+    }
+
+    async fn build_image(
+        &self,
+        spec: &crate::runtime::BuildSpec,
+        progress: &(dyn for<'line> Fn(&'line str) + Sync),
+    ) -> Result<(), RuntimeError> {
+        let args: HashMap<String, String> = spec.args.iter().cloned().collect();
+        let mut options = bollard::query_parameters::BuildImageOptionsBuilder::new()
+            .dockerfile(&spec.dockerfile)
+            .t(&spec.tag)
+            .rm(true)
+            .forcerm(true)
+            .buildargs(&args)
+            .labels(&spec.labels);
+        if let Some(target) = &spec.target {
+            options = options.target(target);
+        }
+        let body = bollard::body_full(bytes::Bytes::from(spec.context.clone()));
+        let mut stream = self.docker.build_image(options.build(), None, Some(body));
+        let failed = |message: String| RuntimeError::Api {
+            action: "building image",
+            target: spec.tag.clone(),
+            source: message.into(),
+        };
+        while let Some(info) = stream.next().await {
+            let info = info.map_err(|e| failed(e.to_string()))?;
+            if let Some(detail) = info.error_detail {
+                return Err(failed(detail.message.unwrap_or_default()));
+            }
+            for line in info.stream.iter().flat_map(|s| s.lines()) {
+                let line = line.trim_end();
+                if !line.is_empty() {
+                    progress(line);
+                }
+            }
+        }
+        match self.image_defaults(&spec.tag).await? {
+            Some(_) => Ok(()),
+            None => Err(failed("the build ended without an image".into())),
+        }
     }
 
     async fn exec_exit(&self, execution: &str) -> Result<i64, RuntimeError> {

@@ -218,6 +218,99 @@ impl Repo {
         Ok(Some(object.detach().data))
     }
 
+    /// The contents of the regular file `path` in the tree of `commit`, or `None` if there is no
+    /// such file; a symlink, a directory or a file larger than `max` bytes is an error.
+    pub fn read_file_at(
+        &self,
+        commit: gix::ObjectId,
+        path: &str,
+        max: usize,
+    ) -> Result<Option<Vec<u8>>, GitError> {
+        let Some((id, mode)) = self.entry_at(commit, path)? else {
+            return Ok(None);
+        };
+        if !mode.is_blob() {
+            return Err(
+                self.read_error(path, "it is not a regular file (a symlink or a directory)")
+            );
+        }
+        let repo = self.local();
+        let header = repo.find_header(id).map_err(|e| self.read_error(path, e))?;
+        if header.size() > max as u64 {
+            return Err(self.read_error(path, format!("it is larger than {max} bytes")));
+        }
+        let object = repo.find_object(id).map_err(|e| self.read_error(path, e))?;
+        Ok(Some(object.detach().data))
+    }
+
+    /// The id and mode of `path` (a file or a directory; `` is the root) in the tree of `commit`.
+    pub fn entry_at(
+        &self,
+        commit: gix::ObjectId,
+        path: &str,
+    ) -> Result<Option<(gix::ObjectId, gix::object::tree::EntryMode)>, GitError> {
+        let repo = self.local();
+        let what = format!("{commit}:{path}");
+        let tree = repo
+            .find_commit(commit)
+            .and_then(|c| c.tree())
+            .map_err(|e| self.read_error(&what, e))?;
+        if path.is_empty() {
+            return Ok(Some((tree.id, gix::object::tree::EntryKind::Tree.into())));
+        }
+        let entry = tree
+            .lookup_entry_by_path(path)
+            .map_err(|e| self.read_error(&what, e))?;
+        Ok(entry.map(|e| (e.object_id(), e.mode())))
+    }
+
+    /// Every file and symlink under the directory `dir` of `commit`'s tree, with paths relative to
+    /// `dir`, in tree order. Reading stops with an error past `max_bytes` of contents.
+    pub fn files_under(
+        &self,
+        commit: gix::ObjectId,
+        dir: &str,
+        max_bytes: u64,
+    ) -> Result<Vec<TreeFile>, GitError> {
+        let what = format!("{commit}:{dir}");
+        let Some((id, mode)) = self.entry_at(commit, dir)? else {
+            return Err(self.read_error(&what, "no such directory"));
+        };
+        if !mode.is_tree() {
+            return Err(self.read_error(&what, "it is not a directory"));
+        }
+        let repo = self.local();
+        let tree = repo.find_tree(id).map_err(|e| self.read_error(&what, e))?;
+        let mut recorder = gix::traverse::tree::Recorder::default();
+        tree.traverse()
+            .breadthfirst(&mut recorder)
+            .map_err(|e| self.read_error(&what, e))?;
+        let mut files = Vec::new();
+        let mut total = 0u64;
+        for entry in recorder.records {
+            if entry.mode.is_tree() || entry.mode.is_commit() {
+                continue;
+            }
+            let object = repo
+                .find_object(entry.oid)
+                .map_err(|e| self.read_error(&what, e))?;
+            total += object.data.len() as u64;
+            if total > max_bytes {
+                return Err(self.read_error(
+                    &what,
+                    format!("its files are larger than {max_bytes} bytes in all"),
+                ));
+            }
+            files.push(TreeFile {
+                path: entry.filepath.to_string(),
+                executable: entry.mode.is_executable(),
+                symlink: entry.mode.is_link(),
+                data: object.detach().data,
+            });
+        }
+        Ok(files)
+    }
+
     /// The commit a local branch points to, or `None` if there is no such branch.
     pub fn branch_tip(&self, branch: &str) -> Result<Option<gix::ObjectId>, GitError> {
         let repo = self.local();
@@ -485,4 +578,15 @@ mod tests {
             "{err}"
         );
     }
+}
+
+/// A file of a tree, read by [`Repo::files_under`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TreeFile {
+    /// Relative to the directory that was read, `/`-separated.
+    pub path: String,
+    pub executable: bool,
+    /// `data` is the link's target.
+    pub symlink: bool,
+    pub data: Vec<u8>,
 }

@@ -316,6 +316,21 @@ impl Runtime for FakeRuntime {
         Ok(self.add_container(&spec.name, &spec.labels))
     }
 
+    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
+        self.call("image_exists", image)?;
+        Ok(false)
+    }
+
+    async fn build_image(
+        &self,
+        spec: &super::BuildSpec,
+        progress: &(dyn for<'line> Fn(&'line str) + Sync),
+    ) -> Result<(), RuntimeError> {
+        self.call("build_image", &spec.tag)?;
+        progress("built");
+        Ok(())
+    }
+
     async fn exit_if_ended(&self, container: &str) -> Result<Option<Exit>, RuntimeError> {
         let state = self.state.lock().unwrap();
         let ended = state.containers.get(container).is_some_and(|c| !c.2);

@@ -48,6 +48,7 @@ use crate::task::{TaskName, TaskRecord, TaskState};
 use crate::teardown::{self, Ending, Leftovers};
 use crate::workspace::Workspace;
 use plan::all_port_mappings;
+pub use plan::{DescribedMount, Description, describe};
 pub(crate) use plan::{own_files, plan, port_names};
 
 const ZERO_ID: &str = "0000000000000000000000000000000000000000";
@@ -325,7 +326,11 @@ impl Supervised<'_> {
             let (dirs, request, env) = (self.dirs.clone(), self.request.clone(), self.env.clone());
             tokio::task::spawn_blocking(move || fill_worktree(&dirs, &request, &env))
                 .await
-                .expect("filling the worktree does not panic")
+                .expect("filling the worktree does not panic")?;
+            for command in &self.request.host_setup {
+                self.run_on_host(command).await?;
+            }
+            Ok(())
         };
         let sandbox = self.runtime.create_sandbox(plan);
         let (checkout, sandbox) = tokio::join!(checkout, sandbox);
@@ -344,6 +349,48 @@ impl Supervised<'_> {
                 };
                 Err(SetupFailure { error, sandbox })
             }
+        }
+    }
+
+    /// Runs one of the user's own host commands (a devcontainer's `initializeCommand`) in the
+    /// worktree, its output shown like the task's.
+    async fn run_on_host(&self, command: &str) -> Result<(), RunError> {
+        let heading = format!("agentbox: initializeCommand (on the host): {command}\n");
+        self.emit(RunEvent::Output(crate::runtime::Output::Stderr(
+            heading.into(),
+        )))
+        .await;
+        let output = tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(command)
+            .current_dir(&self.dirs.worktree)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output()
+            .await
+            .map_err(|source| RunError::Io {
+                action: "run initializeCommand in",
+                path: self.dirs.worktree.clone(),
+                source,
+            })?;
+        for (bytes, stderr) in [(output.stdout, false), (output.stderr, true)] {
+            if !bytes.is_empty() {
+                let bytes = bytes::Bytes::from(bytes);
+                let chunk = if stderr {
+                    crate::runtime::Output::Stderr(bytes)
+                } else {
+                    crate::runtime::Output::Stdout(bytes)
+                };
+                self.emit(RunEvent::Output(chunk)).await;
+            }
+        }
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(RunError::HostSetup {
+                command: command.to_owned(),
+                code: output.status.code(),
+            })
         }
     }
 

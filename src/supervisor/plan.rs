@@ -11,8 +11,8 @@ use crate::environment;
 use crate::git::{Identity, TaskDirs};
 use crate::ports::PortMapping;
 use crate::runtime::{
-    ContainerSpec, Network, NetworkSpec, REPO_LABEL, SERVICE_LABEL, SHARED_LABEL, SandboxPlan,
-    TASK_LABEL,
+    ContainerSpec, Mount, Network, NetworkSpec, REPO_LABEL, SERVICE_LABEL, SHARED_LABEL,
+    SandboxPlan, TASK_LABEL,
 };
 use crate::workspace::Workspace;
 
@@ -85,6 +85,7 @@ pub(crate) fn plan(
         identity,
         task_ports: &task_ports,
         host_ports,
+        devcontainer: &request.devcontainer_env,
         templates: &request.env_templates,
         explicit: &request.env,
         host_env: &request.host_env,
@@ -162,14 +163,29 @@ pub(crate) fn plan(
     } else {
         request.command.clone()
     };
+    let mut mounts = dirs.mounts(&ws.repo);
+    // Git inside works at the configured folder too: the worktree's `.git` file names the task's
+    // git dir by its absolute path, which is mounted at that same path.
+    let working_dir = match &request.workspace_folder {
+        Some(folder) if *folder != worktree => {
+            mounts.push(Mount {
+                source: worktree.clone(),
+                target: folder.clone(),
+                read_only: false,
+            });
+            folder.clone()
+        }
+        _ => worktree,
+    };
+    mounts.extend(request.mounts.iter().cloned());
     let task_spec = ContainerSpec {
         name: container_name,
         image: request.image.clone(),
         command,
         env: environment::docker_env(&env),
         labels,
-        mounts: dirs.mounts(&ws.repo),
-        working_dir: worktree,
+        mounts,
+        working_dir,
         user: request.user.clone(),
         ports: task_ports.values().map(|m| (m.container, m.host)).collect(),
         network: attach(Vec::new()),
@@ -177,6 +193,7 @@ pub(crate) fn plan(
         tty: request.interactive.tty,
         stdin: request.interactive.stdin,
         console_size: request.interactive.size.filter(|_| request.interactive.tty),
+        privileges: request.privileges.clone(),
         ..ContainerSpec::default()
     };
     let sandbox = SandboxPlan {
@@ -184,6 +201,107 @@ pub(crate) fn plan(
         services,
         task: task_spec,
         setup: request.setup.clone(),
+        shell_env: request.shell_env.clone(),
     };
     Ok((sandbox, env))
+}
+
+/// What a task would be: its run worked out as far as it can be without creating anything (no
+/// ports are reserved, so host ports are not shown). Secrets' values are `None`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Description {
+    pub task: String,
+    pub base: String,
+    pub image: String,
+    pub command: Option<Vec<String>>,
+    pub user: Option<String>,
+    pub working_dir: String,
+    pub network: String,
+    pub limits: String,
+    pub privileges: String,
+    pub mounts: Vec<DescribedMount>,
+    pub ports: Vec<(String, u16)>,
+    pub env: Vec<(String, Option<String>)>,
+    pub host_setup: Vec<String>,
+    pub setup: Vec<String>,
+    pub services: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DescribedMount {
+    pub source: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// See [`Description`].
+pub fn describe(ws: &Workspace, request: &RunRequest) -> Result<Description, super::RunError> {
+    let worktree = ws.worktree_path(&request.task);
+    let dirs = ws.task_dirs(&request.task, &worktree);
+    let identity = ws.repo.identity().unwrap_or_else(Identity::fallback);
+    let host_ports: BTreeMap<String, u16> =
+        port_names(request).into_iter().map(|n| (n, 0)).collect();
+    let (sandbox, env) = plan(ws, request, &dirs, &identity, &host_ports)?;
+    let task = &sandbox.task;
+    let limits = &request.limits;
+    let limit_text = [
+        limits
+            .memory_bytes
+            .map(|m| format!("memory {}", crate::config::Bytes(m))),
+        limits.nano_cpus.map(|c| format!("cpus {}", c as f64 / 1e9)),
+        limits.pids.map(|p| format!("pids {p}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect::<Vec<_>>()
+    .join(", ");
+    Ok(Description {
+        task: request.task.to_string(),
+        base: request.base.clone().unwrap_or_else(|| ws.repo.head_name()),
+        image: task.image.clone(),
+        command: task.command.clone(),
+        user: task.user.clone(),
+        working_dir: task.working_dir.clone(),
+        network: match request.network {
+            NetworkSetting::Bridge if request.services.is_empty() => {
+                "bridge (the repository's, no task reaches another)".to_owned()
+            }
+            NetworkSetting::Bridge => "bridge (the task's own, with its services)".to_owned(),
+            NetworkSetting::None => "none".to_owned(),
+            NetworkSetting::Host => "host".to_owned(),
+        },
+        limits: if limit_text.is_empty() {
+            "none".to_owned()
+        } else {
+            limit_text
+        },
+        privileges: request.privileges.describe(),
+        mounts: task
+            .mounts
+            .iter()
+            .map(|m| DescribedMount {
+                source: m.source.clone(),
+                target: m.target.clone(),
+                read_only: m.read_only,
+            })
+            .collect(),
+        ports: request
+            .ports
+            .iter()
+            .map(|(name, port)| (name.clone(), *port))
+            .chain(request.services.iter().flat_map(|(service, spec)| {
+                spec.ports
+                    .iter()
+                    .map(move |(name, port)| (format!("{service}.{name}"), *port))
+            }))
+            .collect(),
+        env: environment::masked(&env),
+        host_setup: request.host_setup.clone(),
+        setup: sandbox.setup.clone(),
+        services: sandbox
+            .services
+            .iter()
+            .map(|s| (s.name.clone(), s.image.clone()))
+            .collect(),
+    })
 }

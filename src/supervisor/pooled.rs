@@ -136,7 +136,8 @@ impl Supervised<'_> {
             command.extend(defaults.entrypoint.iter().cloned());
             command.extend(own.unwrap_or_else(|| defaults.cmd.clone()));
         } else {
-            let (entrypoint, cmd) = wrap_with_setup(&self.request.setup, own, defaults);
+            let (entrypoint, cmd) =
+                wrap_with_setup(&self.request.setup, &self.request.shell_env, own, defaults);
             command.extend(entrypoint);
             command.extend(cmd);
         }

@@ -90,6 +90,22 @@ pub struct RunRequest {
     /// When set, the command starts only once this says `true` (or its sender is gone): an
     /// interactive client attaches to the created container first, so it misses no output.
     pub start_gate: Option<tokio::sync::watch::Receiver<bool>>,
+    /// Bind mounts of the task's container besides its worktree and git dirs (a devcontainer's
+    /// `mounts`), checked by whoever added them.
+    pub mounts: Vec<crate::runtime::Mount>,
+    /// Where the worktree is mounted as well, and where the command starts (a devcontainer's
+    /// `workspaceFolder`); `None`: at its own path only.
+    pub workspace_folder: Option<String>,
+    /// Shell commands run on the host, in the worktree, once it is checked out and before the
+    /// container starts (a devcontainer's `initializeCommand`). Only the user's own configuration
+    /// may set them.
+    pub host_setup: Vec<String>,
+    /// Variables from the repository's devcontainer.json, under `env_templates`.
+    pub devcontainer_env: Vec<EnvVar>,
+    /// Variables the container's shell sets, with `${VAR}` of the container's own environment.
+    pub shell_env: Vec<(String, String)>,
+    /// What the task's container may do beyond agentbox's defaults.
+    pub privileges: crate::runtime::Privileges,
 }
 
 /// What `run -i`/`-t` ask for.
@@ -148,6 +164,12 @@ impl RunRequest {
             interactive: Interactive::default(),
             idle: false,
             start_gate: None,
+            mounts: Vec::new(),
+            workspace_folder: None,
+            host_setup: Vec::new(),
+            devcontainer_env: Vec::new(),
+            shell_env: Vec::new(),
+            privileges: crate::runtime::Privileges::default(),
         }
     }
 
@@ -362,6 +384,11 @@ pub enum RunError {
         path.display()
     )]
     CopyWithoutCheckout { path: PathBuf },
+    #[error(
+        "initializeCommand {command:?} failed on the host ({}); nothing of the task was kept",
+        code.map(|c| format!("exit code {c}")).unwrap_or_else(|| "killed by a signal".into())
+    )]
+    HostSetup { command: String, code: Option<i32> },
     #[error(transparent)]
     Copy(#[from] CopyError),
     #[error("cannot prepare the worktree of task {task}: {source}")]
