@@ -37,6 +37,8 @@ pub struct Args {
     /// Keep the branches of tasks that changed nothing (deleted by default)
     #[arg(long)]
     keep_branch: bool,
+    #[command(flatten)]
+    devcontainer: super::devcontainer::DevcontainerArgs,
 }
 
 fn fail(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> CommandError {
@@ -58,7 +60,7 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
         .any(|t| t.base.is_none())
         .then_some("tasks without a base start");
     let (ws, config, runtime) = context.prepare_runs(None, from_head).await?;
-    let requests: Vec<RunRequest> = tasks
+    let mut requests: Vec<RunRequest> = tasks
         .iter()
         .map(|task| {
             let request = RunRequest {
@@ -72,6 +74,19 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
             task.apply(request)
         })
         .collect();
+    // One after the other: the first task of a Dockerfile builds its image, the others find it.
+    for (request, task) in requests.iter_mut().zip(&tasks) {
+        args.devcontainer
+            .apply(
+                &ws,
+                &*runtime,
+                request,
+                &config,
+                task.image.is_some(),
+                false,
+            )
+            .await?;
+    }
     let pooled = requests.iter().any(|r| r.use_pool);
     let parallel = args
         .parallel

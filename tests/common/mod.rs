@@ -700,6 +700,22 @@ impl Drop for TestEnv {
         }
         // Then the per-task networks, which the containers were attached to.
         self.remove_networks();
+        // Then images the test's tasks built (a devcontainer's Dockerfile).
+        let images = docker_lines(&[
+            "images",
+            "-q",
+            "--filter",
+            &format!("label={TEST_LABEL}={}", self.id),
+        ]);
+        if !images.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rmi", "-f"])
+                .args(&images)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         // Then the TempDir field removes repository, worktrees and state.
     }
 }

@@ -1,0 +1,249 @@
+//! The repository's devcontainer.json as a task's environment, on the real engine: the image form,
+//! the Dockerfile form (built once for several tasks), what a task cannot change about the next
+//! task's environment, and bad files.
+
+mod common;
+
+use std::fs;
+
+use common::{IMAGE, TestEnv};
+
+/// Writes `files` into the repository and commits them.
+fn commit_files(env: &TestEnv, files: &[(&str, &str)]) {
+    for (path, text) in files {
+        let path = env.repo.join(path);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+    env.git(["add", "-A"]);
+    env.git(["commit", "-q", "-m", "devcontainer"]);
+}
+
+#[test]
+fn the_image_form_gives_the_task_its_folder_environment_ports_and_lifecycle_with_git_working() {
+    let env = TestEnv::new("dc-image");
+    let json = format!(
+        r#"// the official templates mount the folder above the workspace
+{{
+  "name": "app",
+  "image": "{IMAGE}",
+  "workspaceMount": "source=${{localWorkspaceFolder}}/..,target=/workspaces,type=bind",
+  "workspaceFolder": "/workspaces/${{localWorkspaceFolderBasename}}",
+  "containerEnv": {{ "GREETING": "hello ${{containerWorkspaceFolder}}" }},
+  "remoteEnv": {{ "PATH": "${{containerEnv:PATH}}:/opt/extra" }},
+  "forwardPorts": [3000],
+  "onCreateCommand": "echo on-create > /tmp/order",
+  "postCreateCommand": {{ "one": "echo post-create >> /tmp/order", "two": ["true"] }},
+  "postStartCommand": ["sh", "-c", "echo post-start >> /tmp/order"],
+}}
+"#
+    );
+    commit_files(&env, &[(".devcontainer/devcontainer.json", &json)]);
+    let script = "pwd; echo \"$GREETING\"; echo \"$PATH\"; echo \"port=$AGENTBOX_PORT_PORT_3000\"; cat /tmp/order; \
+                  ls /workspaces; echo work > made.txt; git add made.txt; git commit -q -m 'from the task'; \
+                  git log --format=%s -1; echo left > left.txt";
+    let out = env.output(["run", "dc1", "--", "sh", "-c", script]);
+    out.expect_code(0);
+    let lines = out.stdout_lines();
+    assert_eq!(
+        lines[0], "/workspaces/dc1",
+        "the command starts in workspaceFolder\n{out}"
+    );
+    assert_eq!(lines[1], "hello /workspaces/dc1");
+    assert!(
+        lines[2].ends_with(":/opt/extra") && lines[2].contains("/usr/bin"),
+        "{out}"
+    );
+    assert_eq!(lines[3], "port=3000");
+    assert_eq!(
+        &lines[4..7],
+        ["on-create", "post-create", "post-start"],
+        "{out}"
+    );
+    // Only this task's worktree is at /workspaces, not what is beside it.
+    assert_eq!(lines[7], "dc1", "{out}");
+    assert_eq!(
+        lines[8], "from the task",
+        "git works in workspaceFolder\n{out}"
+    );
+    out.expect_stderr_contains("only this task's worktree is mounted");
+    assert_eq!(
+        env.subjects("main..agentbox/dc1")[1..],
+        ["from the task".to_owned()]
+    );
+    env.assert_snapshot_holds("dc1", "left.txt", "left\n");
+    env.assert_torn_down("dc1");
+}
+
+#[test]
+fn the_dockerfile_form_is_built_once_for_three_tasks_from_the_base_commits_files() {
+    let env = TestEnv::new("dc-build");
+    let dockerfile = format!(
+        "FROM {IMAGE}\nARG GREETING=unset\nRUN echo \"$GREETING\" > /greeting\nCOPY . /context\n"
+    );
+    let json = r#"{
+  "build": { "dockerfile": "Dockerfile", "context": "..", "args": { "GREETING": "built-by-args" } },
+  "postCreateCommand": "cat /greeting"
+}"#;
+    commit_files(
+        &env,
+        &[
+            (".devcontainer/devcontainer.json", json),
+            (".devcontainer/Dockerfile", &dockerfile),
+            (".dockerignore", "secret.txt\n**/*.log\n"),
+            ("secret.txt", "not for the image\n"),
+        ],
+    );
+    let tasks = "[[task]]\nname = \"b1\"\ncommand = [\"ls\", \"-a\", \"/context\"]\n\
+                 [[task]]\nname = \"b2\"\ncommand = [\"ls\", \"-a\", \"/context\"]\n\
+                 [[task]]\nname = \"b3\"\ncommand = [\"ls\", \"-a\", \"/context\"]\n";
+    fs::write(env.root.join("tasks.toml"), tasks).unwrap();
+    let out = env.output(
+        ["batch", "--parallel", "3"].iter().copied().chain([env
+            .root
+            .join("tasks.toml")
+            .to_str()
+            .unwrap()]),
+    );
+    out.expect_code(0);
+    let builds = out
+        .stderr
+        .matches("agentbox: build: building image")
+        .count();
+    assert_eq!(builds, 1, "sixteen tasks, or three, build once\n{out}");
+    for task in ["b1", "b2", "b3"] {
+        assert!(out.stdout.contains(task), "{out}");
+    }
+    assert!(
+        out.stdout.contains("README.md"),
+        "the context is in the image\n{out}"
+    );
+    assert_eq!(out.stdout.matches("built-by-args").count(), 3, "{out}");
+    assert!(
+        !out.stdout.contains("secret.txt"),
+        ".dockerignore is honoured\n{out}"
+    );
+    assert!(out.stdout.contains(".dockerignore"), "{out}");
+
+    // The same commit again: no build at all.
+    let again = env.output(["run", "b4", "--", "cat", "/greeting"]);
+    again.expect_code(0);
+    assert!(!again.stderr.contains("building image"), "{again}");
+
+    // A Dockerfile changed in the checkout but not committed is not what tasks get.
+    fs::write(
+        env.repo.join(".devcontainer/Dockerfile"),
+        format!("FROM {IMAGE}\nRUN false\n"),
+    )
+    .unwrap();
+    env.output(["run", "b5", "--", "true"]).expect_code(0);
+    for task in ["b1", "b2", "b3", "b4", "b5"] {
+        env.assert_torn_down(task);
+    }
+}
+
+#[test]
+fn a_task_cannot_change_the_environment_of_the_next_task() {
+    let env = TestEnv::new("dc-hostile");
+    let json = format!(r#"{{ "image": "{IMAGE}", "containerEnv": {{ "WHO": "the-user" }} }}"#);
+    commit_files(&env, &[(".devcontainer/devcontainer.json", &json)]);
+    let marker = env.root.join("planted-on-the-host");
+    let planted = format!(
+        r#"{{ "image": "{IMAGE}", "containerEnv": {{ "WHO": "the-task" }},
+  "initializeCommand": "touch {}",
+  "mounts": ["source=/,target=/host,type=bind"] }}"#,
+        marker.display()
+    );
+    let script = format!(
+        "cat > .devcontainer/devcontainer.json <<'EOF'\n{planted}\nEOF\ngit commit -q -am 'plant' && echo \"$WHO\""
+    );
+    let out = env.output(["run", "evil", "--", "sh", "-c", &script]);
+    out.expect_code(0);
+    assert_eq!(out.stdout_lines(), ["the-user"]);
+
+    // The next task from main gets main's file.
+    let next = env.output([
+        "run",
+        "next",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$WHO\"; test ! -e /host",
+    ]);
+    next.expect_code(0);
+    assert_eq!(next.stdout_lines(), ["the-user"], "{next}");
+
+    // A task started from the planted branch gets the sandbox and nothing of the host.
+    let from_branch = env.output(["run", "follow", "--base", "agentbox/evil", "--", "true"]);
+    from_branch.expect_code(125);
+    from_branch.expect_stderr_contains("initializeCommand runs on your host");
+    assert!(!marker.exists(), "nothing ran on the host");
+    assert!(!env.branch_exists("agentbox/follow"));
+    assert!(!env.worktree_path("follow").exists());
+    assert!(env.ls_task("follow").is_none());
+    assert_eq!(env.containers(), Vec::<String>::new());
+}
+
+#[test]
+fn bad_devcontainer_files_are_clear_errors_that_leave_nothing() {
+    let env = TestEnv::new("dc-bad");
+    let cases: [(&str, &str, &str, &str); 5] = [
+        (
+            ".devcontainer/devcontainer.json",
+            "{\n  \"image\": \"x\"\n  \"init\": true\n}\n",
+            "",
+            "devcontainer.json:2:",
+        ),
+        (
+            ".devcontainer/devcontainer.json",
+            "{\n  \"image\": \"x\",\n  \"imagee\": 1\n}\n",
+            "",
+            "devcontainer.json:3:",
+        ),
+        (
+            ".devcontainer/devcontainer.json",
+            "{ \"image\": \"x\", \"features\": { \"ghcr.io/devcontainers/features/node:1\": {} } }",
+            "",
+            "build an image with them once",
+        ),
+        (
+            ".devcontainer/devcontainer.json",
+            "{ \"build\": { \"dockerfile\": \"Nope\" } }",
+            "",
+            "\".devcontainer/Nope\" does not exist",
+        ),
+        (
+            ".devcontainer/devcontainer.json",
+            "{ \"image\": \"x\", \"runArgs\": [\"--network=host\"] }",
+            "",
+            "--network=host is refused",
+        ),
+    ];
+    for (index, (path, text, _, said)) in cases.iter().enumerate() {
+        commit_files(&env, &[(path, text)]);
+        let task = format!("bad{index}");
+        let out = env.output(["run", &task, "--", "true"]);
+        out.expect_code(125);
+        out.expect_stderr_contains(said);
+        out.expect_stderr_contains("main:.devcontainer/devcontainer.json");
+        env.assert_nothing_left(&task);
+    }
+    // The Dockerfile exists but does not build: the engine's words, and still nothing left.
+    commit_files(
+        &env,
+        &[
+            (
+                ".devcontainer/devcontainer.json",
+                "{ \"build\": { \"dockerfile\": \"Dockerfile\" } }",
+            ),
+            (
+                ".devcontainer/Dockerfile",
+                &format!("FROM {IMAGE}\nRUN exit 7\n"),
+            ),
+        ],
+    );
+    let out = env.output(["run", "nobuild", "--", "true"]);
+    out.expect_code(125);
+    out.expect_stderr_contains("building .devcontainer/Dockerfile failed");
+    env.assert_nothing_left("nobuild");
+}
