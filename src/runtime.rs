@@ -42,6 +42,12 @@ pub enum RuntimeError {
     NoAddressPool { network: String },
     #[error("service container {service} could not start: {message}")]
     ServiceStart { service: String, message: String },
+    #[error("service {service} {state}: {message}")]
+    ServiceNotReady {
+        service: String,
+        state: String,
+        message: String,
+    },
     #[error("{action} {target} failed: {source}")]
     Api {
         action: &'static str,
@@ -79,6 +85,9 @@ pub enum Network {
     Named { name: String, aliases: Vec<String> },
     /// No network at all: a loopback interface only.
     None,
+    /// The network of another container of the sandbox, named by its spec's name (compose's
+    /// `network_mode: service:<name>`).
+    Container(String),
     /// The engine's default.
     #[default]
     Default,
@@ -116,6 +125,53 @@ pub struct ContainerSpec {
     pub console_size: Option<(u16, u16)>,
     /// Beyond agentbox's defaults (which drop capabilities and forbid new privileges).
     pub privileges: Privileges,
+    /// Named volumes of the sandbox mounted into this container.
+    pub volumes: Vec<VolumeMount>,
+    pub healthcheck: Option<Healthcheck>,
+    /// Containers of the sandbox (by spec name) that must be started, healthy or done first.
+    pub depends_on: Vec<(String, Readiness)>,
+}
+
+/// A named volume of the sandbox in a container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeMount {
+    pub volume: String,
+    pub target: String,
+    pub read_only: bool,
+}
+
+/// How the engine tells whether a container is healthy (compose's `healthcheck`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Healthcheck {
+    /// `["CMD", ...]` or `["CMD-SHELL", "..."]`.
+    pub test: Vec<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub start_period: Duration,
+}
+
+impl Healthcheck {
+    /// How long a container may take to become healthy before agentbox gives up on it.
+    pub fn patience(&self) -> Duration {
+        let per_try = self.interval + self.timeout;
+        (self.start_period + per_try * (self.retries + 1)).max(Duration::from_secs(5))
+    }
+}
+
+/// What another container waits for (compose's `depends_on` conditions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Started,
+    Healthy,
+    CompletedSuccessfully,
+}
+
+/// A named volume made for one sandbox and removed with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    pub name: String,
+    pub labels: HashMap<String, String>,
 }
 
 /// What a container may do beyond agentbox's defaults; granted only when the user asked for it
@@ -207,6 +263,8 @@ pub struct NetworkSpec {
 pub struct SandboxPlan {
     /// The task's own network, created first and removed last.
     pub network: Option<NetworkSpec>,
+    /// Made before any container, removed after them.
+    pub volumes: Vec<VolumeSpec>,
     /// Started before the task's container is created.
     pub services: Vec<ContainerSpec>,
     pub task: ContainerSpec,
@@ -221,6 +279,7 @@ pub struct SandboxPlan {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sandbox {
     pub network: Option<String>,
+    pub volumes: Vec<String>,
     pub services: Vec<String>,
     pub container: Option<String>,
     /// What the task's image runs by default.
@@ -229,7 +288,10 @@ pub struct Sandbox {
 
 impl Sandbox {
     pub fn is_empty(&self) -> bool {
-        self.network.is_none() && self.services.is_empty() && self.container.is_none()
+        self.network.is_none()
+            && self.services.is_empty()
+            && self.container.is_none()
+            && self.volumes.is_empty()
     }
 }
 
@@ -426,8 +488,19 @@ pub trait Runtime: Send + Sync {
         {
             problems.push(e);
         }
+        for volume in &sandbox.volumes {
+            if let Err(e) = self.remove_volume(volume).await {
+                problems.push(e);
+            }
+        }
         problems
     }
+
+    /// Removes a named volume (nothing when it is gone already).
+    async fn remove_volume(&self, volume: &str) -> Result<(), RuntimeError>;
+
+    /// Names of the volumes that carry all of these labels (`key=value`).
+    async fn find_volumes(&self, labels: &[String]) -> Result<Vec<String>, RuntimeError>;
 }
 
 /// Runs the setup commands in the container's own shell before the task's command, so that their

@@ -50,6 +50,7 @@ pub enum StepKind {
     StopContainer,
     RemoveContainer,
     RemoveNetwork,
+    RemoveVolume,
     /// The task's branch was brought into the repository.
     ImportBranch,
     /// The worktree's uncommitted work is snapshot-committed to the task's branch, then the
@@ -66,6 +67,7 @@ impl StepKind {
             Self::StopContainer => "stop-container",
             Self::RemoveContainer => "remove-container",
             Self::RemoveNetwork => "remove-network",
+            Self::RemoveVolume => "remove-volume",
             Self::ImportBranch => "import-branch",
             Self::RemoveWorktree => "remove-worktree",
             Self::ReleasePorts => "release-ports",
@@ -96,11 +98,13 @@ pub struct Step {
 pub struct Leftovers {
     pub containers: Vec<FoundContainer>,
     pub networks: Vec<FoundNetwork>,
+    /// Named volumes made for the task (a compose file's), by name.
+    pub volumes: Vec<String>,
 }
 
 impl Leftovers {
     pub fn is_empty(&self) -> bool {
-        self.containers.is_empty() && self.networks.is_empty()
+        self.containers.is_empty() && self.networks.is_empty() && self.volumes.is_empty()
     }
 
     /// The task's containers and networks, by their labels: the task's, and the pool slot's it
@@ -130,6 +134,7 @@ impl Leftovers {
             .await?;
             found.containers.extend(pooled.containers);
             found.networks.extend(pooled.networks);
+            found.volumes.extend(pooled.volumes);
         }
         Ok(found)
     }
@@ -138,13 +143,15 @@ impl Leftovers {
         runtime: &dyn Runtime,
         labels: &[String],
     ) -> Result<Self, crate::runtime::RuntimeError> {
-        let (containers, networks) = tokio::join!(
+        let (containers, networks, volumes) = tokio::join!(
             runtime.find_containers(labels),
-            runtime.find_networks(labels)
+            runtime.find_networks(labels),
+            runtime.find_volumes(labels)
         );
         Ok(Self {
             containers: containers?,
             networks: networks?,
+            volumes: volumes?,
         })
     }
 }
@@ -246,6 +253,18 @@ async fn removal(
                     .map_err(|e| e.to_string())
             };
             steps.push((StepKind::RemoveNetwork, network.name.clone(), result));
+        }
+        for volume in &leftovers.volumes {
+            let result = if dry_run {
+                Ok(None)
+            } else {
+                runtime
+                    .remove_volume(volume)
+                    .await
+                    .map(|()| None)
+                    .map_err(|e| e.to_string())
+            };
+            steps.push((StepKind::RemoveVolume, volume.clone(), result));
         }
     }
     steps

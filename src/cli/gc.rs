@@ -89,7 +89,10 @@ pub(super) fn describe(action: &Step) -> String {
     let target = &action.target;
     let (done, planned) = match action.action {
         StepKind::StopContainer => ("stopped", "would stop"),
-        StepKind::RemoveContainer | StepKind::RemoveNetwork | StepKind::RemoveWorktree => {
+        StepKind::RemoveContainer
+        | StepKind::RemoveNetwork
+        | StepKind::RemoveVolume
+        | StepKind::RemoveWorktree => {
             ("removed", "would remove")
         }
         StepKind::ImportBranch => ("imported", "would import"),
@@ -102,6 +105,7 @@ pub(super) fn describe(action: &Step) -> String {
             format!("{verb} container {target}")
         }
         StepKind::RemoveNetwork => format!("{verb} network {target}"),
+        StepKind::RemoveVolume => format!("{verb} volume {target}"),
         StepKind::ImportBranch => format!("{verb} the task's commits into branch {target}"),
         StepKind::RemoveWorktree if action.dry_run => {
             format!("{verb} worktree {target}, committing its uncommitted work first")

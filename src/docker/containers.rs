@@ -97,6 +97,7 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             }),
         ),
         Network::None => (Some("none".to_owned()), None),
+        Network::Container(name) => (Some(format!("container:{name}")), None),
         Network::Default => (None, None),
     };
     let mounts = spec
@@ -109,13 +110,30 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             read_only: Some(m.read_only),
             ..Default::default()
         })
+        .chain(spec.volumes.iter().map(|v| EngineMount {
+            target: Some(v.target.clone()),
+            source: Some(v.volume.clone()),
+            typ: Some(MountType::VOLUME),
+            read_only: Some(v.read_only),
+            ..Default::default()
+        }))
         .collect();
+    let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
+    let healthcheck = spec.healthcheck.as_ref().map(|h| bollard::models::HealthConfig {
+        test: Some(h.test.clone()),
+        interval: Some(nanos(h.interval)),
+        timeout: Some(nanos(h.timeout)),
+        retries: Some(i64::from(h.retries)),
+        start_period: Some(nanos(h.start_period)),
+        ..Default::default()
+    });
     let limit = |value: Option<u64>| value.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
     ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: spec.command.clone(),
         entrypoint: spec.entrypoint.clone(),
         exposed_ports: Some(spec.ports.iter().map(|(c, _)| port_key(*c)).collect()),
+        healthcheck,
         networking_config,
         env: Some(spec.env.clone()),
         labels: Some(spec.labels.clone()),

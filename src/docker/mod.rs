@@ -125,6 +125,132 @@ impl DockerEngine {
             })
     }
 
+    async fn make_volume(&self, spec: &crate::runtime::VolumeSpec) -> Result<(), RuntimeError> {
+        let request = bollard::models::VolumeCreateRequest {
+            name: Some(spec.name.clone()),
+            labels: Some(spec.labels.clone()),
+            ..Default::default()
+        };
+        self.docker
+            .create_volume(request)
+            .await
+            .map(|_| ())
+            .map_err(api("creating volume", &spec.name))
+    }
+
+    /// Waits until what `spec` depends on is ready: started (nothing to wait for), healthy, or
+    /// ended with exit code 0.
+    async fn wait_for_dependencies(
+        &self,
+        spec: &ContainerSpec,
+        started: &HashMap<String, String>,
+    ) -> Result<(), RuntimeError> {
+        for (dependency, readiness) in &spec.depends_on {
+            let Some(id) = started.get(dependency) else {
+                continue;
+            };
+            match readiness {
+                crate::runtime::Readiness::Started => {}
+                crate::runtime::Readiness::Healthy => self.wait_healthy(dependency, id).await?,
+                crate::runtime::Readiness::CompletedSuccessfully => {
+                    let exit = self.wait(id).await?;
+                    if exit.code != 0 {
+                        return Err(RuntimeError::ServiceNotReady {
+                            service: dependency.clone(),
+                            state: format!("ended with exit code {}", exit.code),
+                            message: format!("{} waits for it to complete successfully", spec.name),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_healthy(&self, service: &str, id: &str) -> Result<(), RuntimeError> {
+        use bollard::models::HealthStatusEnum;
+        let inspect = self
+            .docker
+            .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+            .await
+            .map_err(api("inspecting container", id))?;
+        let patience = inspect
+            .config
+            .as_ref()
+            .and_then(|c| c.healthcheck.as_ref())
+            .map(|h| {
+                let d = |n: Option<i64>, default: u64| {
+                    Duration::from_nanos(n.filter(|n| *n > 0).map_or(default, |n| n as u64))
+                };
+                crate::runtime::Healthcheck {
+                    test: Vec::new(),
+                    interval: d(h.interval, 30_000_000_000),
+                    timeout: d(h.timeout, 30_000_000_000),
+                    retries: h.retries.unwrap_or(3).max(0) as u32,
+                    start_period: d(h.start_period, 0),
+                }
+                .patience()
+            })
+            .ok_or_else(|| RuntimeError::ServiceNotReady {
+                service: service.to_owned(),
+                state: "has no healthcheck".into(),
+                message: "condition: service_healthy needs one".into(),
+            })?;
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let inspect = self
+                .docker
+                .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+                .await
+                .map_err(api("inspecting container", id))?;
+            let state = inspect.state.unwrap_or_default();
+            let health = state.health.unwrap_or_default();
+            let last_output = || {
+                health
+                    .log
+                    .as_ref()
+                    .and_then(|log| log.last())
+                    .and_then(|r| r.output.clone())
+                    .unwrap_or_default()
+                    .trim()
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            };
+            match health.status {
+                Some(HealthStatusEnum::HEALTHY) => return Ok(()),
+                Some(HealthStatusEnum::UNHEALTHY) => {
+                    return Err(RuntimeError::ServiceNotReady {
+                        service: service.to_owned(),
+                        state: "is unhealthy".into(),
+                        message: format!("its healthcheck said: {}", last_output()),
+                    });
+                }
+                _ => {}
+            }
+            if state.running != Some(true) {
+                return Err(RuntimeError::ServiceNotReady {
+                    service: service.to_owned(),
+                    state: format!(
+                        "stopped (exit code {}) before it was healthy",
+                        state.exit_code.unwrap_or(-1)
+                    ),
+                    message: "see `docker logs` of its container, or run the task with --keep".into(),
+                });
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(RuntimeError::ServiceNotReady {
+                    service: service.to_owned(),
+                    state: format!("never got healthy within {}s", patience.as_secs()),
+                    message: format!("its healthcheck said: {}", last_output()),
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+    }
+
     async fn image_defaults(&self, image: &str) -> Result<Option<ImageDefaults>, RuntimeError> {
         match self.docker.inspect_image(image).await {
             Ok(inspect) => {
@@ -299,36 +425,75 @@ impl Runtime for DockerEngine {
                 made.network = Some(network.name.clone());
             }
         }
-        let services = futures::future::join_all(plan.services.iter().map(|spec| async move {
-            let id = self.make_container(spec).await.map_err(|e| (e, None))?;
-            match self.start(&id).await {
-                Ok(()) => Ok(id),
-                Err(StartError::Runtime(e)) => Err((e, Some(id))),
-                Err(other) => {
-                    let e = RuntimeError::ServiceStart {
-                        service: spec.name.clone(),
-                        message: other.to_string(),
-                    };
-                    Err((e, Some(id)))
+        for volume in &plan.volumes {
+            if let Err(e) = self.make_volume(volume).await {
+                return Err((e, made));
+            }
+            made.volumes.push(volume.name.clone());
+        }
+        // Services start in the order of what they wait for: each level at once, once the
+        // services it depends on are ready.
+        let mut started: HashMap<String, String> = HashMap::new();
+        let mut pending: Vec<&ContainerSpec> = plan.services.iter().collect();
+        while !pending.is_empty() {
+            let (ready, waiting): (Vec<&ContainerSpec>, Vec<&ContainerSpec>) = pending
+                .into_iter()
+                .partition(|spec| spec.depends_on.iter().all(|(d, _)| started.contains_key(d)));
+            if ready.is_empty() {
+                let names: Vec<&str> = waiting.iter().map(|s| s.name.as_str()).collect();
+                let e = RuntimeError::ServiceStart {
+                    service: names.join(", "),
+                    message: "they depend on each other (or on a service that is not there)".into(),
+                };
+                return Err((e, made));
+            }
+            pending = waiting;
+            for spec in &ready {
+                if let Err(e) = self.wait_for_dependencies(spec, &started).await {
+                    return Err((e, made));
                 }
             }
-        }))
-        .await;
-        let mut failure = None;
-        for service in services {
-            match service {
-                Ok(id) => made.services.push(id),
-                Err((e, id)) => {
-                    made.services.extend(id);
-                    failure.get_or_insert(e);
+            let services = futures::future::join_all(ready.iter().map(|spec| {
+                let started = &started;
+                async move {
+                    let spec = with_container_network(spec, started);
+                    let id = self.make_container(&spec).await.map_err(|e| (e, None))?;
+                    match self.start(&id).await {
+                        Ok(()) => Ok(id),
+                        Err(StartError::Runtime(e)) => Err((e, Some(id))),
+                        Err(other) => {
+                            let e = RuntimeError::ServiceStart {
+                                service: spec.name.clone(),
+                                message: other.to_string(),
+                            };
+                            Err((e, Some(id)))
+                        }
+                    }
                 }
+            }))
+            .await;
+            let mut failure = None;
+            for (spec, service) in ready.iter().zip(services) {
+                match service {
+                    Ok(id) => {
+                        made.services.push(id.clone());
+                        started.insert(spec.name.clone(), id);
+                    }
+                    Err((e, id)) => {
+                        made.services.extend(id);
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(e) = failure {
+                return Err((e, made));
             }
         }
-        if let Some(e) = failure {
+        if let Err(e) = self.wait_for_dependencies(&plan.task, &started).await {
             return Err((e, made));
         }
 
-        let mut task = plan.task.clone();
+        let mut task = with_container_network(&plan.task, &started);
         if let (Some(id), crate::runtime::Network::Named { name, .. }) =
             (shared_id, &mut task.network)
         {
@@ -578,6 +743,34 @@ impl Runtime for DockerEngine {
         self.make_container(spec).await
     }
 
+    async fn remove_volume(&self, volume: &str) -> Result<(), RuntimeError> {
+        let options = bollard::query_parameters::RemoveVolumeOptionsBuilder::new()
+            .force(true)
+            .build();
+        match self.docker.remove_volume(volume, Some(options)).await {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, &[404]) => Ok(()),
+            Err(e) => Err(api("removing volume", volume)(e)),
+        }
+    }
+
+    async fn find_volumes(&self, labels: &[String]) -> Result<Vec<String>, RuntimeError> {
+        let options = bollard::query_parameters::ListVolumesOptionsBuilder::new()
+            .filters(&HashMap::from([("label", labels.to_vec())]))
+            .build();
+        let found = self
+            .docker
+            .list_volumes(Some(options))
+            .await
+            .map_err(api("listing volumes labelled", &labels.join(",")))?;
+        Ok(found
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect())
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
         Ok(self.image_defaults(image).await?.is_some())
     }
@@ -748,4 +941,15 @@ mod tests {
             ("localhost:5000/img", "1")
         );
     }
+}
+
+/// `spec` with a `Network::Container` naming a spec of the sandbox turned into that container's id.
+fn with_container_network(spec: &ContainerSpec, started: &HashMap<String, String>) -> ContainerSpec {
+    let mut spec = spec.clone();
+    if let crate::runtime::Network::Container(name) = &spec.network
+        && let Some(id) = started.get(name)
+    {
+        spec.network = crate::runtime::Network::Container(id.clone());
+    }
+    spec
 }

@@ -316,6 +316,14 @@ impl Runtime for FakeRuntime {
         Ok(self.add_container(&spec.name, &spec.labels))
     }
 
+    async fn remove_volume(&self, volume: &str) -> Result<(), RuntimeError> {
+        self.call("remove_volume", volume)
+    }
+
+    async fn find_volumes(&self, _labels: &[String]) -> Result<Vec<String>, RuntimeError> {
+        Ok(Vec::new())
+    }
+
     async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
         self.call("image_exists", image)?;
         Ok(false)

@@ -198,6 +198,7 @@ pub(crate) fn plan(
     };
     let sandbox = SandboxPlan {
         network,
+        volumes: Vec::new(),
         services,
         task: task_spec,
         setup: request.setup.clone(),
