@@ -422,7 +422,7 @@ fn check_port_name(name: &str) -> Result<(), String> {
 }
 
 /// Service names are the host names the task reaches them by, and part of container names.
-fn check_service_name(name: &str) -> Result<(), String> {
+pub fn check_service_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 32
         && name.starts_with(|c: char| c.is_ascii_lowercase())

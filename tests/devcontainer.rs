@@ -6,7 +6,7 @@ mod common;
 
 use std::fs;
 
-use common::{IMAGE, TestEnv};
+use common::{IMAGE, TOOLS_IMAGE, TestEnv};
 
 /// Writes `files` into the repository and commits them.
 fn commit_files(env: &TestEnv, files: &[(&str, &str)]) {
@@ -246,4 +246,172 @@ fn bad_devcontainer_files_are_clear_errors_that_leave_nothing() {
     out.expect_code(125);
     out.expect_stderr_contains("building .devcontainer/Dockerfile failed");
     env.assert_nothing_left("nobuild");
+}
+
+/// The layout of the official "Python 3 & PostgreSQL" template: an app service built from a
+/// Dockerfile that joins the database's network namespace, a database-like service with a
+/// healthcheck and a named volume, a fixed host port and a container name that would collide.
+fn compose_project(env: &TestEnv) {
+    let dockerfile = format!("FROM {TOOLS_IMAGE}\nRUN echo app-image > /app-marker\n");
+    let json = r#"{
+  "name": "Python 3 & PostgreSQL",
+  "dockerComposeFile": "docker-compose.yml",
+  "service": "app",
+  "workspaceFolder": "/workspaces/${localWorkspaceFolderBasename}",
+  "forwardPorts": [5000],
+}"#;
+    let compose = r#"version: '3.8'
+services:
+  app:
+    build:
+      context: ..
+      dockerfile: .devcontainer/Dockerfile
+    volumes:
+      - ../..:/workspaces:cached
+    command: sleep infinity
+    network_mode: service:db
+    depends_on:
+      db:
+        condition: service_healthy
+    environment:
+      DATABASE_URL: http://localhost:5432/state
+  db:
+    image: agentbox-test/tools:latest
+    restart: unless-stopped
+    container_name: db
+    volumes:
+      - dbdata:/data
+    command: ["sh", "-c", "sleep 1; hostname > /data/state; exec busybox httpd -f -p 5432 -h /data"]
+    healthcheck:
+      test: ["CMD-SHELL", "test -s /data/state"]
+      interval: 1s
+      timeout: 1s
+      retries: 30
+    ports:
+      - "5432:5432"
+volumes:
+  dbdata:
+"#;
+    commit_files(
+        env,
+        &[
+            (".devcontainer/devcontainer.json", json),
+            (".devcontainer/Dockerfile", &dockerfile),
+            (".devcontainer/docker-compose.yml", compose),
+        ],
+    );
+}
+
+/// Containers, networks and volumes of this test.
+fn engine_objects(env: &TestEnv) -> Vec<String> {
+    let filter = format!("label=agentbox.test={}", env.id);
+    ["ps -aq", "network ls -q", "volume ls -q"]
+        .iter()
+        .flat_map(|command| {
+            let mut args: Vec<&str> = command.split(' ').collect();
+            args.extend(["--filter", &filter]);
+            common::docker_lines(&args)
+        })
+        .collect()
+}
+
+#[test]
+fn three_compose_tasks_at_once_each_get_their_own_database_and_leave_nothing() {
+    common::ensure_tools_image();
+    let env = TestEnv::new("dc-compose");
+    compose_project(&env);
+    let script = "pwd; cat /app-marker; busybox wget -qO- \"$DATABASE_URL\"; \
+                  echo from-task > made.txt; git add made.txt; git commit -q -m \"work of $AGENTBOX_TASK\"; \
+                  git log --format=%s -1";
+    let tasks: String = ["c1", "c2", "c3"]
+        .iter()
+        .map(|t| format!("[[task]]\nname = \"{t}\"\ncommand = [\"sh\", \"-c\", {script:?}]\n"))
+        .collect();
+    let file = env.root.join("tasks.toml");
+    fs::write(&file, tasks).unwrap();
+    let out = env.output(["batch", "--parallel", "3", file.to_str().unwrap()]);
+    out.expect_code(0);
+    assert_eq!(
+        out.stderr
+            .matches("agentbox: build: building image")
+            .count(),
+        1,
+        "the app's image is built once\n{out}"
+    );
+    out.expect_stderr_contains("container_name is dropped");
+    out.expect_stderr_contains("fixed host ports are remapped");
+    let mut databases = Vec::new();
+    for task in ["c1", "c2", "c3"] {
+        let own: Vec<&str> = out
+            .stdout
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{task} | ")))
+            .collect();
+        assert_eq!(own[0], format!("/workspaces/{task}"), "{out}");
+        assert_eq!(own[1], "app-image", "{out}");
+        databases.push(own[2].to_owned());
+        assert_eq!(
+            own[3],
+            format!("work of {task}"),
+            "git works in workspaceFolder\n{out}"
+        );
+        assert_eq!(
+            env.subjects(&format!("main..agentbox/{task}")),
+            [format!("work of {task}")]
+        );
+        env.assert_torn_down(task);
+    }
+    databases.sort();
+    databases.dedup();
+    assert_eq!(
+        databases.len(),
+        3,
+        "each task reached its own database: {databases:?}"
+    );
+    assert_eq!(
+        engine_objects(&env),
+        Vec::<String>::new(),
+        "no container, network or volume left"
+    );
+}
+
+#[test]
+fn a_service_that_never_gets_healthy_is_named_and_nothing_is_left() {
+    common::ensure_tools_image();
+    let env = TestEnv::new("dc-unhealthy");
+    let json = r#"{ "dockerComposeFile": ["compose.yml"], "service": "app" }"#;
+    let compose = format!(
+        "services:\n  app:\n    image: {TOOLS_IMAGE}\n    depends_on:\n      db:\n        condition: service_healthy\n  db:\n    image: {TOOLS_IMAGE}\n    command: [\"sleep\", \"600\"]\n    healthcheck:\n      test: [\"CMD\", \"false\"]\n      interval: 200ms\n      timeout: 1s\n      retries: 2\n"
+    );
+    commit_files(
+        &env,
+        &[
+            (".devcontainer/devcontainer.json", json),
+            (".devcontainer/compose.yml", &compose),
+        ],
+    );
+    let out = env.output(["run", "sick", "--", "true"]);
+    out.expect_code(125);
+    out.expect_stderr_contains("service");
+    out.expect_stderr_contains("db");
+    assert!(
+        out.stderr.contains("unhealthy") || out.stderr.contains("never got healthy"),
+        "{out}"
+    );
+    env.assert_nothing_left("sick");
+    assert_eq!(engine_objects(&env), Vec::<String>::new());
+
+    // A key agentbox does not implement is an error naming it and the file.
+    commit_files(
+        &env,
+        &[(
+            ".devcontainer/compose.yml",
+            &format!("services:\n  app:\n    image: {TOOLS_IMAGE}\n    privileged: true\n"),
+        )],
+    );
+    let out = env.output(["run", "unknown", "--", "true"]);
+    out.expect_code(125);
+    out.expect_stderr_contains("main:.devcontainer/compose.yml");
+    out.expect_stderr_contains("services.app.privileged is not supported");
+    env.assert_nothing_left("unknown");
 }

@@ -75,6 +75,8 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
         })
         .collect();
     // One after the other: the first task of a Dockerfile builds its image, the others find it.
+    // What agentbox did differently from the files is said once for the batch.
+    let mut said = std::collections::BTreeSet::new();
     for (request, task) in requests.iter_mut().zip(&tasks) {
         args.devcontainer
             .apply(
@@ -82,8 +84,11 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
                 &*runtime,
                 request,
                 &config,
-                task.image.is_some(),
-                false,
+                super::devcontainer::Given {
+                    image: task.image.is_some(),
+                    user: false,
+                },
+                &mut said,
             )
             .await?;
     }

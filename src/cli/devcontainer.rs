@@ -58,16 +58,16 @@ impl DevcontainerArgs {
         runtime: &dyn Runtime,
         request: &mut RunRequest,
         config: &ProjectConfig,
-        image_flag: bool,
-        user_given: bool,
+        given: Given,
+        said: &mut std::collections::BTreeSet<String>,
     ) -> Result<(), CommandError> {
-        let Some(choice) = self.choice(config, image_flag)? else {
+        let Some(choice) = self.choice(config, given.image)? else {
             return Ok(());
         };
         let options = PrepareOptions {
             choice,
             allow_privileged: self.allow_privileged,
-            user_given,
+            user_given: given.user,
             config,
         };
         let progress = BuildProgress::new();
@@ -78,10 +78,21 @@ impl DevcontainerArgs {
         progress.finish();
         let resolved = resolved.map_err(|e| CommandError::new(e, EXIT_AGENTBOX_FAILED))?;
         for note in resolved.iter().flat_map(|r| &r.notes) {
-            eprintln!("agentbox: {note}");
+            if said.insert(note.clone()) {
+                eprintln!("agentbox: {note}");
+            }
         }
         Ok(())
     }
+}
+
+/// What the command line (or a task file) named itself.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Given {
+    /// An image (`--image`, a task's `image`): no devcontainer.json is looked for.
+    pub image: bool,
+    /// A user (`--user`): it wins over the file's.
+    pub user: bool,
 }
 
 /// The build's output: one line that changes on a terminal, every line otherwise.

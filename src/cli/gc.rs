@@ -92,9 +92,7 @@ pub(super) fn describe(action: &Step) -> String {
         StepKind::RemoveContainer
         | StepKind::RemoveNetwork
         | StepKind::RemoveVolume
-        | StepKind::RemoveWorktree => {
-            ("removed", "would remove")
-        }
+        | StepKind::RemoveWorktree => ("removed", "would remove"),
         StepKind::ImportBranch => ("imported", "would import"),
         StepKind::ReleasePorts => ("released", "would release"),
         StepKind::MarkRecord => ("marked", "would mark"),

@@ -278,8 +278,11 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
             &*runtime,
             &mut request,
             &config,
-            image_flag,
-            user_given,
+            super::devcontainer::Given {
+                image: image_flag,
+                user: user_given,
+            },
+            &mut Default::default(),
         )
         .await?;
     args.options

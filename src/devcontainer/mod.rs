@@ -13,6 +13,7 @@
 //! [`RunRequest`](crate::RunRequest).
 
 pub mod build;
+pub mod compose;
 pub mod resolve;
 pub mod spec;
 mod vars;
@@ -227,15 +228,183 @@ pub async fn prepare(
             state_home,
         ],
     };
-    let resolved = resolve::resolve(&loaded, &context)?;
+    let mut resolved = resolve::resolve(&loaded, &context)?;
     let image = match &resolved.form {
         Form::Image(image) => image.clone(),
         Form::Build(plan) => {
             build::ensure_image(ws, runtime, plan, &request.labels, progress).await?
         }
+        Form::Compose => {
+            let plan = compose::resolve(&ws.repo, &loaded, &request.host_env)?;
+            resolved.notes.extend(plan.notes.iter().cloned());
+            let task =
+                compose_task(ws, runtime, request, &loaded, &context, plan, progress).await?;
+            let image = task.0.clone();
+            resolved.apply(request, image.clone(), options);
+            task.1.apply(request, options, &mut resolved);
+            return Ok(Some(resolved));
+        }
     };
     resolved.apply(request, image, options);
     Ok(Some(resolved))
+}
+
+/// What the compose form's own service gives the task, besides [`compose::ComposeTask`].
+struct MainService {
+    task: compose::ComposeTask,
+    env: Vec<crate::config::EnvVar>,
+    mounts: Vec<crate::runtime::Mount>,
+    ports: Vec<u16>,
+    user: Option<String>,
+    working_dir: Option<String>,
+    notes: Vec<String>,
+}
+
+impl MainService {
+    fn apply(
+        self,
+        request: &mut crate::RunRequest,
+        options: &PrepareOptions,
+        resolved: &mut Resolved,
+    ) {
+        let mut env = self.env;
+        env.append(&mut request.devcontainer_env);
+        request.devcontainer_env = env;
+        request.mounts.extend(self.mounts);
+        for port in self.ports {
+            if !request.ports.values().any(|p| *p == port) {
+                request.ports.insert(format!("port_{port}"), port);
+            }
+        }
+        if !options.user_given && resolved.user.is_none() && self.user.is_some() {
+            request.user = self.user;
+        }
+        if request.workspace_folder.is_none() {
+            request.workspace_folder = self.working_dir;
+        }
+        request.compose = Some(self.task);
+        resolved.notes.extend(self.notes);
+    }
+}
+
+/// Builds or finds every service's image and makes the services' mounts concrete. Returns the
+/// task's own image and what the task gets.
+async fn compose_task(
+    ws: &crate::Workspace,
+    runtime: &dyn crate::runtime::Runtime,
+    request: &crate::RunRequest,
+    loaded: &Loaded,
+    context: &ResolveContext<'_>,
+    plan: compose::ComposePlan,
+    progress: &(dyn for<'line> Fn(&'line str) + Sync),
+) -> Result<(String, MainService), DevcontainerError> {
+    let mut notes = Vec::new();
+    let image_of = async |image: &compose::ServiceImage| match image {
+        compose::ServiceImage::Image(image) => Ok::<_, DevcontainerError>(image.clone()),
+        compose::ServiceImage::Build(build) => {
+            build::ensure_image(ws, runtime, build, &request.labels, progress).await
+        }
+    };
+    let mut mounts_of = |service: &compose::ComposeService| -> Result<Vec<crate::runtime::Mount>, DevcontainerError> {
+        service
+            .binds
+            .iter()
+            .map(|(source, target, read_only)| match source {
+                compose::BindSource::Worktree(inside) => {
+                    if !inside.is_empty() {
+                        // A link the base commit holds there would take the mount elsewhere.
+                        match ws.repo.entry_at(loaded.commit, inside) {
+                            Ok(Some((_, mode))) if !mode.is_link() => {}
+                            _ => {
+                                return Err(DevcontainerError::Invalid {
+                                    file: loaded.shown.clone(),
+                                    line: None,
+                                    message: format!(
+                                        "services.{}: the bind source {inside:?} must be a file or directory of the repository at the base commit (not a symlink)",
+                                        service.name
+                                    ),
+                                });
+                            }
+                        }
+                    }
+                    Ok(crate::runtime::Mount {
+                        source: context.worktree.join(inside).display().to_string(),
+                        target: target.clone(),
+                        read_only: *read_only,
+                    })
+                }
+                compose::BindSource::Above(levels) => {
+                    let components: Vec<_> = context.worktree.components().collect();
+                    let below: std::path::PathBuf = components
+                        [components.len().saturating_sub(*levels)..]
+                        .iter()
+                        .collect();
+                    Ok(crate::runtime::Mount {
+                        source: context.worktree.display().to_string(),
+                        target: std::path::Path::new(target).join(below).display().to_string(),
+                        read_only: *read_only,
+                    })
+                }
+                compose::BindSource::Host(path) => resolve::checked_mount(
+                    loaded,
+                    context,
+                    &format!("services.{}.volumes", service.name),
+                    &spec::MountObject {
+                        source: Some(path.clone()),
+                        target: target.clone(),
+                        kind: "bind".into(),
+                        readonly: *read_only,
+                    },
+                    &mut notes,
+                ),
+            })
+            .collect()
+    };
+    let main = plan.main;
+    let main_image = image_of(&main.image).await?;
+    let main_mounts = mounts_of(&main)?;
+    let mut services = Vec::new();
+    for service in &plan.others {
+        let image = image_of(&service.image).await?;
+        services.push(compose::PlannedService {
+            name: service.name.clone(),
+            image,
+            command: service.command.clone(),
+            entrypoint: service.entrypoint.clone(),
+            env: service.env.clone(),
+            ports: service.ports.clone(),
+            mounts: mounts_of(service)?,
+            volumes: service.volumes.clone(),
+            working_dir: service.working_dir.clone(),
+            user: service.user.clone(),
+            healthcheck: service.healthcheck.clone(),
+            depends_on: service
+                .depends_on
+                .iter()
+                .filter(|(d, _)| *d != main.name)
+                .cloned()
+                .collect(),
+            network_of: service.network_of.clone(),
+        });
+    }
+    Ok((
+        main_image,
+        MainService {
+            task: compose::ComposeTask {
+                services,
+                volumes: plan.volumes,
+                task_volumes: main.volumes.clone(),
+                task_depends_on: main.depends_on.clone(),
+                task_network_of: main.network_of.clone(),
+            },
+            env: main.env.clone(),
+            mounts: main_mounts,
+            ports: main.ports.clone(),
+            user: main.user.clone(),
+            working_dir: main.working_dir.clone(),
+            notes,
+        },
+    ))
 }
 
 /// `${devcontainerId}`: the same for every run of one task of one repository.

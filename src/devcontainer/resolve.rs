@@ -20,6 +20,8 @@ pub enum Form {
     Image(String),
     /// `build`: built from the base commit's files (see [`super::build`]).
     Build(super::build::BuildPlan),
+    /// `dockerComposeFile`: the compose files are read by [`super::compose`].
+    Compose,
 }
 
 /// What the task needs from its `devcontainer.json`.
@@ -359,9 +361,7 @@ fn form(loaded: &Loaded, vars: &Variables, plain: &Plain) -> Result<Form, Devcon
                 shown: loaded.shown.clone(),
             }))
         }
-        (None, None, Some(_)) => Err(invalid(
-            "the compose form (dockerComposeFile) is not supported by this version of agentbox; use the image or the Dockerfile form, or describe the services in agentbox.toml's [services]".into(),
-        )),
+        (None, None, Some(_)) => Ok(Form::Compose),
         (None, None, None) => Err(invalid(
             "names no image: set \"image\", \"build\": {\"dockerfile\": ...} or \"dockerComposeFile\"".into(),
         )),
@@ -449,7 +449,7 @@ fn workspace_target(source: &str, target: &str, worktree: &Path) -> Option<Strin
     )
 }
 
-fn checked_mount(
+pub(super) fn checked_mount(
     loaded: &Loaded,
     context: &ResolveContext,
     key: &str,

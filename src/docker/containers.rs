@@ -119,14 +119,17 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         }))
         .collect();
     let nanos = |d: std::time::Duration| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX);
-    let healthcheck = spec.healthcheck.as_ref().map(|h| bollard::models::HealthConfig {
-        test: Some(h.test.clone()),
-        interval: Some(nanos(h.interval)),
-        timeout: Some(nanos(h.timeout)),
-        retries: Some(i64::from(h.retries)),
-        start_period: Some(nanos(h.start_period)),
-        ..Default::default()
-    });
+    let healthcheck = spec
+        .healthcheck
+        .as_ref()
+        .map(|h| bollard::models::HealthConfig {
+            test: Some(h.test.clone()),
+            interval: Some(nanos(h.interval)),
+            timeout: Some(nanos(h.timeout)),
+            retries: Some(i64::from(h.retries)),
+            start_period: Some(nanos(h.start_period)),
+            ..Default::default()
+        });
     let limit = |value: Option<u64>| value.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
     ContainerCreateBody {
         image: Some(spec.image.clone()),

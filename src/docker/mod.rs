@@ -171,7 +171,10 @@ impl DockerEngine {
         use bollard::models::HealthStatusEnum;
         let inspect = self
             .docker
-            .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+            .inspect_container(
+                id,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
             .await
             .map_err(api("inspecting container", id))?;
         let patience = inspect
@@ -201,7 +204,10 @@ impl DockerEngine {
         loop {
             let inspect = self
                 .docker
-                .inspect_container(id, None::<bollard::query_parameters::InspectContainerOptions>)
+                .inspect_container(
+                    id,
+                    None::<bollard::query_parameters::InspectContainerOptions>,
+                )
                 .await
                 .map_err(api("inspecting container", id))?;
             let state = inspect.state.unwrap_or_default();
@@ -236,7 +242,8 @@ impl DockerEngine {
                         "stopped (exit code {}) before it was healthy",
                         state.exit_code.unwrap_or(-1)
                     ),
-                    message: "see `docker logs` of its container, or run the task with --keep".into(),
+                    message: "see `docker logs` of its container, or run the task with --keep"
+                        .into(),
                 });
             }
             if tokio::time::Instant::now() >= deadline {
@@ -921,6 +928,20 @@ fn split_tag(image: &str) -> (&str, &str) {
     }
 }
 
+/// `spec` with a `Network::Container` naming a spec of the sandbox turned into that container's id.
+fn with_container_network(
+    spec: &ContainerSpec,
+    started: &HashMap<String, String>,
+) -> ContainerSpec {
+    let mut spec = spec.clone();
+    if let crate::runtime::Network::Container(name) = &spec.network
+        && let Some(id) = started.get(name)
+    {
+        spec.network = crate::runtime::Network::Container(id.clone());
+    }
+    spec
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -941,15 +962,4 @@ mod tests {
             ("localhost:5000/img", "1")
         );
     }
-}
-
-/// `spec` with a `Network::Container` naming a spec of the sandbox turned into that container's id.
-fn with_container_network(spec: &ContainerSpec, started: &HashMap<String, String>) -> ContainerSpec {
-    let mut spec = spec.clone();
-    if let crate::runtime::Network::Container(name) = &spec.network
-        && let Some(id) = started.get(name)
-    {
-        spec.network = crate::runtime::Network::Container(id.clone());
-    }
-    spec
 }

@@ -166,6 +166,17 @@ pub fn key(request: &RunRequest) -> String {
 /// Why a request cannot be served from the pool, if it cannot: the services' environment would
 /// have to name the task before it exists.
 pub fn unpoolable(request: &RunRequest) -> Option<String> {
+    let devcontainer = request.compose.is_some()
+        || !request.mounts.is_empty()
+        || request.workspace_folder.is_some()
+        || !request.host_setup.is_empty()
+        || !request.shell_env.is_empty()
+        || !request.privileges.is_empty();
+    if devcontainer {
+        return Some(
+            "its devcontainer.json asks for mounts, a workspace folder, host steps or services that a slot made ahead does not have".into(),
+        );
+    }
     for (service, spec) in &request.services {
         for (key, value) in &spec.env {
             if value.contains("${task}") || value.contains("${branch}") {

@@ -7,12 +7,13 @@ use indexmap::IndexMap;
 
 use super::RunRequest;
 use crate::config::{ConfigError, EnvVar, NetworkSetting, TemplateContext};
+use crate::devcontainer::compose;
 use crate::environment;
 use crate::git::{Identity, TaskDirs};
 use crate::ports::PortMapping;
 use crate::runtime::{
     ContainerSpec, Mount, Network, NetworkSpec, REPO_LABEL, SERVICE_LABEL, SHARED_LABEL,
-    SandboxPlan, TASK_LABEL,
+    SandboxPlan, TASK_LABEL, VolumeMount, VolumeSpec,
 };
 use crate::workspace::Workspace;
 
@@ -31,7 +32,21 @@ pub(crate) fn port_names(request: &RunRequest) -> Vec<String> {
         .services
         .iter()
         .flat_map(|(service, spec)| spec.ports.keys().map(move |p| format!("{service}.{p}")));
-    own.chain(services).collect()
+    own.chain(services)
+        .chain(compose_ports(request).map(|(name, _)| name))
+        .collect()
+}
+
+/// Ledger names and container ports of a compose task's services.
+fn compose_ports(request: &RunRequest) -> impl Iterator<Item = (String, u16)> + '_ {
+    request.compose.iter().flat_map(|compose| {
+        compose.services.iter().flat_map(|service| {
+            service
+                .ports
+                .iter()
+                .map(|port| (compose::port_name(&service.name, *port), *port))
+        })
+    })
 }
 
 pub(super) fn all_port_mappings(
@@ -48,6 +63,7 @@ pub(super) fn all_port_mappings(
             .map(move |(name, port)| (format!("{service}.{name}"), *port))
     });
     own.chain(services)
+        .chain(compose_ports(request))
         .map(|(name, container)| {
             let host = host_ports[&name];
             (name, PortMapping { container, host })
@@ -104,7 +120,7 @@ pub(crate) fn plan(
     // task reaches them. One without shares the repository's network on which containers cannot
     // reach each other: creating and removing a network per task would cost more than its start.
     let network = (request.network == NetworkSetting::Bridge).then(|| {
-        if request.services.is_empty() {
+        if request.services.is_empty() && request.compose.is_none() {
             let mut shared_labels: HashMap<String, String> =
                 request.labels.iter().cloned().collect();
             shared_labels.insert(REPO_LABEL.to_owned(), ws.repo_id.clone());
@@ -158,6 +174,69 @@ pub(crate) fn plan(
         });
     }
 
+    let mut volumes = Vec::new();
+    if let Some(compose) = &request.compose {
+        let volume_name = |volume: &str| format!("{container_name}-{volume}");
+        let spec_name = |service: &str| format!("{container_name}-{service}");
+        for volume in &compose.volumes {
+            volumes.push(VolumeSpec {
+                name: volume_name(volume),
+                labels: labels.clone(),
+            });
+        }
+        let mounts_of = |list: &[(String, String, bool)]| -> Vec<VolumeMount> {
+            list.iter()
+                .map(|(volume, target, read_only)| VolumeMount {
+                    volume: volume_name(volume),
+                    target: target.clone(),
+                    read_only: *read_only,
+                })
+                .collect()
+        };
+        for service in &compose.services {
+            let mut service_labels = labels.clone();
+            service_labels.insert(SERVICE_LABEL.to_owned(), service.name.clone());
+            services.push(ContainerSpec {
+                name: spec_name(&service.name),
+                image: service.image.clone(),
+                command: service.command.clone(),
+                entrypoint: service.entrypoint.clone(),
+                env: environment::docker_env(&service.env),
+                labels: service_labels,
+                mounts: service.mounts.clone(),
+                volumes: mounts_of(&service.volumes),
+                working_dir: service.working_dir.clone().unwrap_or_default(),
+                user: service.user.clone(),
+                ports: service
+                    .ports
+                    .iter()
+                    .map(|port| (*port, host_ports[&compose::port_name(&service.name, *port)]))
+                    .collect(),
+                network: match &service.network_of {
+                    Some(of) => Network::Container(spec_name(of)),
+                    None => attach(vec![service.name.clone()]),
+                },
+                limits: request.limits,
+                healthcheck: service.healthcheck.clone(),
+                depends_on: service
+                    .depends_on
+                    .iter()
+                    .map(|(d, r)| (spec_name(d), *r))
+                    .collect(),
+                ..ContainerSpec::default()
+            });
+        }
+        // A container on another's network publishes its ports there.
+        for index in 0..services.len() {
+            if let Network::Container(owner) = services[index].network.clone() {
+                let ports = std::mem::take(&mut services[index].ports);
+                if let Some(owner) = services.iter_mut().find(|s| s.name == owner) {
+                    owner.ports.extend(ports);
+                }
+            }
+        }
+    }
+
     let command = if request.idle {
         Some(super::IDLE_COMMAND.iter().map(|s| s.to_string()).collect())
     } else {
@@ -177,7 +256,40 @@ pub(crate) fn plan(
         }
         _ => worktree,
     };
-    mounts.extend(request.mounts.iter().cloned());
+    // Two mounts at one place are refused by the engine; the one agentbox made first stays.
+    for mount in &request.mounts {
+        if !mounts.iter().any(|m| m.target == mount.target) {
+            mounts.push(mount.clone());
+        }
+    }
+    let mut task_ports: Vec<(u16, u16)> =
+        task_ports.values().map(|m| (m.container, m.host)).collect();
+    let mut task_network = attach(Vec::new());
+    let mut task_volumes = Vec::new();
+    let mut task_depends_on = Vec::new();
+    if let Some(compose) = &request.compose {
+        task_volumes = compose
+            .task_volumes
+            .iter()
+            .map(|(volume, target, read_only)| VolumeMount {
+                volume: format!("{container_name}-{volume}"),
+                target: target.clone(),
+                read_only: *read_only,
+            })
+            .collect();
+        task_depends_on = compose
+            .task_depends_on
+            .iter()
+            .map(|(d, r)| (format!("{container_name}-{d}"), *r))
+            .collect();
+        if let Some(of) = &compose.task_network_of {
+            let owner = format!("{container_name}-{of}");
+            if let Some(owner_spec) = services.iter_mut().find(|s| s.name == owner) {
+                owner_spec.ports.append(&mut task_ports);
+            }
+            task_network = Network::Container(owner);
+        }
+    }
     let task_spec = ContainerSpec {
         name: container_name,
         image: request.image.clone(),
@@ -187,8 +299,10 @@ pub(crate) fn plan(
         mounts,
         working_dir,
         user: request.user.clone(),
-        ports: task_ports.values().map(|m| (m.container, m.host)).collect(),
-        network: attach(Vec::new()),
+        ports: task_ports,
+        network: task_network,
+        volumes: task_volumes,
+        depends_on: task_depends_on,
         limits: request.limits,
         tty: request.interactive.tty,
         stdin: request.interactive.stdin,
@@ -198,7 +312,7 @@ pub(crate) fn plan(
     };
     let sandbox = SandboxPlan {
         network,
-        volumes: Vec::new(),
+        volumes,
         services,
         task: task_spec,
         setup: request.setup.clone(),

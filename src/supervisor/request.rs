@@ -106,6 +106,8 @@ pub struct RunRequest {
     pub shell_env: Vec<(String, String)>,
     /// What the task's container may do beyond agentbox's defaults.
     pub privileges: crate::runtime::Privileges,
+    /// The services and volumes of a devcontainer's compose files.
+    pub compose: Option<crate::devcontainer::compose::ComposeTask>,
 }
 
 /// What `run -i`/`-t` ask for.
@@ -170,6 +172,7 @@ impl RunRequest {
             devcontainer_env: Vec::new(),
             shell_env: Vec::new(),
             privileges: crate::runtime::Privileges::default(),
+            compose: None,
         }
     }
 
