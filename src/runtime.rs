@@ -367,6 +367,23 @@ pub trait Runtime: Send + Sync {
         }
         problems
     }
+
+    /// The engine's own version and API versions.
+    async fn version(&self) -> Result<EngineVersion, RuntimeError>;
+
+    /// Whether `image` is present locally (nothing is pulled).
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError>;
+}
+
+/// What an engine says of its own version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineVersion {
+    /// The engine's release ("20.10.24").
+    pub engine: String,
+    /// The newest API version the engine speaks ("1.41").
+    pub api: String,
+    /// The API version agentbox and the engine agreed on.
+    pub agreed: String,
 }
 
 /// Runs the setup commands in the container's own shell before the task's command, so that their
