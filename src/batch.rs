@@ -391,6 +391,14 @@ async fn run_one(
                     false,
                     Some("not started: the batch was interrupted".into()),
                 ),
+                // The command ran and ended; only cleaning up after it failed. Its exit code
+                // still counts, as with `run`.
+                Err(
+                    e @ supervisor::RunError::Teardown {
+                        exit_code: Some(code),
+                        ..
+                    },
+                ) => result(code, started, Some(e.to_string())),
                 Err(e) => result(125, started, Some(e.to_string())),
             }
         }
@@ -629,6 +637,36 @@ command = ["cargo", "clippy"]
             stray.to_string().contains("unknown key `parallel`"),
             "{stray}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_teardown_keeps_the_commands_exit_code() {
+        let fx = crate::supervisor::tests::fixture();
+        let fake = crate::runtime::fake::FakeRuntime::default();
+        fake.exit_with(crate::runtime::Exit {
+            code: 3,
+            oom_killed: false,
+        });
+        fake.fail_on("remove_container");
+        let (events, mut received) = mpsc::channel(64);
+        let drain = tokio::spawn(async move { while received.recv().await.is_some() {} });
+        let (_stop, stop) = watch::channel(StopLevel::Continue);
+        let results = run(
+            &fx.ws,
+            Arc::new(fake),
+            vec![fx.request("t")],
+            1,
+            events,
+            stop,
+            None,
+        )
+        .await;
+        drain.await.unwrap();
+        assert_eq!(results[0].exit_code, 3, "{:?}", results[0]);
+        let error = results[0].error.as_deref().unwrap_or_default();
+        assert!(error.contains("fake engine"), "{error}");
+        assert_eq!(results[0].branch.as_deref(), Some("agentbox/t"));
+        assert_eq!(exit_code(&results), 3);
     }
 
     #[test]

@@ -917,4 +917,4 @@ fn fill_worktree(dirs: &TaskDirs, request: &RunRequest, env: &[EnvVar]) -> Resul
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

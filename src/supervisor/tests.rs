@@ -21,10 +21,10 @@ use crate::task::{TaskName, TaskState};
 use crate::teardown::{self, Ending, Leftovers, Step};
 use crate::workspace::Workspace;
 
-struct Fixture {
+pub(crate) struct Fixture {
     _tmp: tempfile::TempDir,
     repo: PathBuf,
-    ws: Workspace,
+    pub(crate) ws: Workspace,
 }
 
 fn git(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
@@ -48,7 +48,8 @@ fn git(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn fixture() -> Fixture {
+/// A repository with two files in one commit on `main`, and its workspace.
+pub(crate) fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().canonicalize().unwrap();
     let repo = root.join("proj");
@@ -69,7 +70,8 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    fn request(&self, task: &str) -> RunRequest {
+    /// A task with a port and a service.
+    pub(crate) fn request(&self, task: &str) -> RunRequest {
         let mut request = RunRequest::new(TaskName::parse(task).unwrap(), "img");
         request.ports = IndexMap::from([("web".to_owned(), 3000)]);
         request.services = IndexMap::from([(
