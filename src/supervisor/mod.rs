@@ -151,7 +151,7 @@ pub async fn run(
     let (plan, env) = match plan(ws, &request, &dirs, &identity, &host_ports) {
         Ok(planned) => planned,
         Err(e) => {
-            let _ = ws.ports.release(&owner);
+            let _ = ws.ports.release_off_runtime(&owner).await;
             return Err(e.into());
         }
     };
@@ -186,7 +186,7 @@ pub async fn run(
         idle: request.idle,
     };
     if let Err(e) = ws.state.save(&record).await {
-        let _ = ws.ports.release(&owner);
+        let _ = ws.ports.release_off_runtime(&owner).await;
         return Err(e.into());
     }
 
