@@ -607,6 +607,70 @@ async fn a_second_teardown_of_a_torn_down_task_does_nothing() {
 }
 
 #[tokio::test]
+async fn a_damaged_record_is_named_and_keeps_no_other_task_from_being_recovered() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    ended_but_not_torn_down(&fx, &fake).await;
+    let tasks_dir = fx.ws.state.root().join("tasks");
+    // One record lacks a field, one is not JSON at all.
+    let mut lacking: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tasks_dir.join("t.json")).unwrap()).unwrap();
+    lacking["name"] = "nobase".into();
+    lacking.as_object_mut().unwrap().remove("base_commit");
+    let nobase = tasks_dir.join("nobase.json");
+    std::fs::write(&nobase, serde_json::to_vec(&lacking).unwrap()).unwrap();
+    let junk = tasks_dir.join("junk.json");
+    std::fs::write(&junk, "{ half a record").unwrap();
+    let names_task_and_file = |error: &str, task: &str, file: &Path| {
+        assert!(
+            error.contains(&format!("task {task} ")) && error.contains(&file.display().to_string()),
+            "{error}"
+        );
+    };
+
+    let listed = crate::inspect::list(&fx.ws).unwrap();
+    let names: Vec<&str> = listed.tasks.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["t"], "the readable task is listed");
+    let damaged: Vec<String> = listed.damaged.iter().map(|e| e.to_string()).collect();
+    assert_eq!(damaged.len(), 2, "{damaged:?}");
+    names_task_and_file(&damaged[0], "junk", &junk);
+    names_task_and_file(&damaged[1], "nobase", &nobase);
+    assert!(damaged[1].contains("base_commit"), "{}", damaged[1]);
+
+    let options = recovery::Options {
+        dry_run: false,
+        stop_timeout: Duration::from_secs(1),
+        max_file_size: teardown::DEFAULT_MAX_SNAPSHOT_FILE,
+    };
+    let summary = recovery::reconcile(&fx.ws, &fake, &options, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(summary.damaged.len(), 2, "{:?}", summary.damaged);
+    assert_eq!(summary.failed, 0);
+    fx.assert_no_trace(&fake, "t");
+    assert_eq!(
+        fx.file_at("agentbox/t", "wip2.txt").as_deref(),
+        Some("more\n"),
+        "the other task was recovered"
+    );
+    assert!(
+        nobase.exists() && junk.exists(),
+        "damaged records are left alone"
+    );
+
+    let removal = crate::control::remove(
+        &fx.ws,
+        Some(&fake),
+        &TaskName::parse("nobase").unwrap(),
+        false,
+        false,
+    )
+    .await
+    .unwrap_err();
+    names_task_and_file(&removal.to_string(), "nobase", &nobase);
+}
+
+#[tokio::test]
 async fn a_half_removed_worktree_is_never_committed_as_deletions() {
     let fx = fixture();
     let fake = FakeRuntime::default();
