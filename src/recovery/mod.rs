@@ -37,12 +37,12 @@ use crate::workspace::Workspace;
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
     #[error(
-        "recovery of task {task} is incomplete: {}; nothing was discarded, and `agentbox gc` tries again once that is fixed",
-        problems.join("; ")
+        "recovery of task {task} is incomplete: {problems}; nothing was discarded, and `agentbox gc` tries again once that is fixed"
     )]
     Incomplete {
         task: TaskName,
-        problems: Vec<String>,
+        #[source]
+        problems: teardown::Problems,
     },
     #[error(transparent)]
     Git(#[from] GitError),
@@ -333,7 +333,7 @@ async fn recover_one(
     } else {
         Err(RecoveryError::Incomplete {
             task: record.name.clone(),
-            problems: report.problems,
+            problems: teardown::Problems(report.problems),
         })
     }
 }

@@ -46,8 +46,8 @@ impl Supervised<'_> {
         )
         .await;
         let mut problems: Vec<String> = wait_error.into_iter().collect();
-        problems.extend(report.problems.iter().cloned());
-        problems.extend(report.notices.iter().cloned());
+        problems.extend(report.problems.iter().map(ToString::to_string));
+        problems.extend(report.notices.iter().map(ToString::to_string));
         let finished = !self.record.state.is_active();
         if !finished {
             self.record.finished_at = Some(SystemTime::now());

@@ -671,6 +671,26 @@ async fn a_damaged_record_is_named_and_keeps_no_other_task_from_being_recovered(
 }
 
 #[tokio::test]
+async fn a_failed_teardown_step_keeps_the_engines_error_as_its_cause() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    ended_but_not_torn_down(&fx, &fake).await;
+    fake.fail_on("remove_container");
+    let name = TaskName::parse("t").unwrap();
+    let claim = fx.ws.state.try_claim(&name).unwrap().unwrap();
+    let record = fx.ws.state.read(&name).unwrap().unwrap();
+    let err = recovery::recover_for_run(&fx.ws, &fake, &record, &claim, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("fake engine"), "{err}");
+    let mut chain = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source());
+    assert!(
+        chain.any(|e| e.downcast_ref::<crate::runtime::RuntimeError>().is_some()),
+        "the engine's error is in the chain of {err:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_half_removed_worktree_is_never_committed_as_deletions() {
     let fx = fixture();
     let fake = FakeRuntime::default();

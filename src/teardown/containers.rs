@@ -1,6 +1,6 @@
 //! The task's containers and networks: found by their labels, stopped, removed.
 
-use super::{Run, StepKind};
+use super::{Problem, Run, StepKind};
 use crate::runtime::{FoundContainer, FoundNetwork, REPO_LABEL, Runtime, TASK_LABEL};
 use crate::task::{TaskName, TaskRecord};
 
@@ -62,7 +62,7 @@ impl Leftovers {
     }
 }
 
-pub(super) type StepResult = (StepKind, String, Result<Option<String>, String>);
+pub(super) type StepResult = (StepKind, String, Result<Option<String>, Problem>);
 
 /// Removes the task's containers (or, keeping, leaves them stopped) and then its network; returns
 /// the steps for the caller to report.
@@ -84,7 +84,7 @@ pub(super) async fn removal(
                 .remove_container(&c.id)
                 .await
                 .map(|()| None)
-                .map_err(|e| e.to_string())
+                .map_err(Problem::of)
         };
         (StepKind::RemoveContainer, c.name.clone(), result)
     }))
@@ -100,7 +100,7 @@ pub(super) async fn removal(
                     .remove_network(&network.id)
                     .await
                     .map(|()| None)
-                    .map_err(|e| e.to_string())
+                    .map_err(Problem::of)
             };
             steps.push((StepKind::RemoveNetwork, network.name.clone(), result));
         }
@@ -127,7 +127,7 @@ impl Run<'_> {
                         .stop(&container.id, self.options.stop_timeout)
                         .await
                         .map(|()| None)
-                        .map_err(|e| e.to_string())
+                        .map_err(Problem::of)
                 };
                 all_stopped &= self.step(StepKind::StopContainer, &container.name, result);
             } else if !dry_run

@@ -26,6 +26,7 @@
 //! is finished by the next one (recovery), and a teardown of a torn-down task does nothing.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -97,6 +98,80 @@ pub struct Step {
     pub snapshot_commit: Option<String>,
 }
 
+/// A teardown step that failed: what it says (naming the task and what is involved, as shown to the
+/// user), and the error underneath it, kept for its chain of causes.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Problem {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The error itself, not the `Arc` around it, so that callers can downcast to it.
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl Problem {
+    /// A problem that is its own cause.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `message` says what `source` means for the task (and includes its text).
+    pub fn because(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// The error says it all.
+    pub fn of(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::because(source.to_string(), source)
+    }
+}
+
+/// The problems of one teardown as one error: their messages joined, the first of them (and its
+/// chain) as the cause.
+#[derive(Debug, Clone)]
+pub struct Problems(pub Vec<Problem>);
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, problem) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0
+            .first()
+            .map(|p| p as &(dyn std::error::Error + 'static))
+    }
+}
+
 /// How the task ends up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
@@ -146,9 +221,9 @@ pub struct Report {
     pub exit: Option<Exit>,
     /// What went wrong and stopped the teardown short; nothing was discarded because of it, and the
     /// next teardown tries again.
-    pub problems: Vec<String>,
+    pub problems: Vec<Problem>,
     /// What went wrong without stopping the teardown (an import refused: its git dir is kept).
-    pub notices: Vec<String>,
+    pub notices: Vec<Problem>,
     /// With [`Options::defer_deletion`]: the manifest of what is left to delete.
     pub trash: Option<PathBuf>,
 }
@@ -193,7 +268,7 @@ impl Run<'_> {
         &mut self,
         action: StepKind,
         target: impl Into<String>,
-        result: Result<Option<String>, String>,
+        result: Result<Option<String>, Problem>,
     ) -> bool {
         if let Err(error) = &result {
             self.out.problems.push(error.clone());
@@ -202,7 +277,7 @@ impl Run<'_> {
     }
 
     /// A step that failed without stopping the teardown.
-    fn notice(&mut self, action: StepKind, target: impl Into<String>, error: String) {
+    fn notice(&mut self, action: StepKind, target: impl Into<String>, error: Problem) {
         self.out.notices.push(error.clone());
         self.report_step(action, target, Err(error));
     }
@@ -211,12 +286,12 @@ impl Run<'_> {
         &mut self,
         action: StepKind,
         target: impl Into<String>,
-        result: Result<Option<String>, String>,
+        result: Result<Option<String>, Problem>,
     ) -> bool {
         let ok = result.is_ok();
         let (snapshot_commit, error) = match result {
             Ok(commit) => (commit, None),
-            Err(e) => (None, Some(e)),
+            Err(e) => (None, Some(e.to_string())),
         };
         let step = Step {
             action,
@@ -242,7 +317,7 @@ impl Run<'_> {
                 self.step(
                     StepKind::MarkRecord,
                     record.state.as_str(),
-                    Err(e.to_string()),
+                    Err(Problem::of(e)),
                 );
                 false
             }
@@ -276,7 +351,7 @@ impl Run<'_> {
                 self.step(
                     StepKind::RemoveWorktree,
                     dirs.worktree.display().to_string(),
-                    Err(why),
+                    Err(Problem::new(why)),
                 );
             }
             return;
@@ -299,7 +374,7 @@ impl Run<'_> {
         if !manifest.is_empty() {
             match crate::trash::write_manifest(&self.ws.state, &manifest) {
                 Ok(path) => self.out.trash = Some(path),
-                Err(e) => all_ok &= self.step(StepKind::RemoveWorktree, "", Err(e.to_string())),
+                Err(e) => all_ok &= self.step(StepKind::RemoveWorktree, "", Err(Problem::of(e))),
             }
         }
 
@@ -339,7 +414,7 @@ impl Run<'_> {
                     .join(",");
                 self.step(StepKind::ReleasePorts, target, Ok(None))
             }
-            Err(e) => self.step(StepKind::ReleasePorts, "", Err(e.to_string())),
+            Err(e) => self.step(StepKind::ReleasePorts, "", Err(Problem::of(e))),
         }
     }
 
@@ -382,7 +457,8 @@ impl Run<'_> {
         }
         record.left_out = self.out.left_out.clone();
         if !self.out.notices.is_empty() {
-            record.error = Some(self.out.notices.join("; "));
+            let notices: Vec<String> = self.out.notices.iter().map(Problem::to_string).collect();
+            record.error = Some(notices.join("; "));
         }
         let changed = new_state != record.state || died.is_some() || !self.out.steps.is_empty();
         if !changed {
@@ -400,7 +476,7 @@ impl Run<'_> {
                 .save(record)
                 .await
                 .map(|()| None)
-                .map_err(|e| e.to_string())
+                .map_err(Problem::of)
         };
         self.step(StepKind::MarkRecord, new_state.as_str(), result);
     }

@@ -1,7 +1,7 @@
 //! Keeping the task's work: the import of its branch, the snapshot of what it left uncommitted,
 //! and only then the removal of its worktree and git dirs.
 
-use super::{Ending, Run, StepKind};
+use super::{Ending, Problem, Run, StepKind};
 use crate::git::import::{self, Imported};
 use crate::git::snapshot::{self, Staging};
 use crate::git::{GitError, TaskDirs};
@@ -73,7 +73,11 @@ impl Run<'_> {
                         dirs.worktree.display()
                     )
                 };
-                self.notice(StepKind::ImportBranch, &dirs.branch, why);
+                self.notice(
+                    StepKind::ImportBranch,
+                    &dirs.branch,
+                    Problem::because(why, e),
+                );
                 false
             }
         }
@@ -127,7 +131,7 @@ impl Run<'_> {
                 self.step(
                     StepKind::RemoveWorktree,
                     dirs.worktree.display().to_string(),
-                    Err(why),
+                    Err(Problem::because(why, e)),
                 );
                 false
             }
@@ -155,12 +159,9 @@ impl Run<'_> {
         );
         let removed = tokio::task::spawn_blocking(move || {
             if defer {
-                crate::trash::move_aside(&owned, &state).map_err(|e| e.to_string())
+                crate::trash::move_aside(&owned, &state).map_err(Problem::of)
             } else {
-                owned
-                    .remove()
-                    .map(|()| Vec::new())
-                    .map_err(|e| e.to_string())
+                owned.remove().map(|()| Vec::new()).map_err(Problem::of)
             }
         })
         .await
@@ -171,7 +172,10 @@ impl Run<'_> {
                 Ok(snapshot.clone())
             }
             Err(e) => Err(match &snapshot {
-                Some(commit) => format!("{e} (its work is safe in commit {commit})"),
+                Some(commit) => Problem {
+                    message: format!("{e} (its work is safe in commit {commit})"),
+                    ..e
+                },
                 None => e,
             }),
         };
