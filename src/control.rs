@@ -236,6 +236,10 @@ pub async fn remove(
             removal.deleted_refs.push((name, tip));
         }
     }
-    ws.state.remove(task, &claim)?;
+    // The task's logs go with it: directory removals, off the async runtime.
+    let (state, name) = (ws.state.clone(), task.clone());
+    tokio::task::spawn_blocking(move || state.remove(&name, &claim))
+        .await
+        .expect("removing a task's files does not panic")?;
     Ok(removal)
 }

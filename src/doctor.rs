@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::PortRange;
-use crate::docker::{DEFAULT_ADDRESS, DockerEngine};
+use crate::runtime::{Runtime, RuntimeError};
 
 /// The oldest engine API agentbox is tested with (Debian's docker.io 20.10).
 const MIN_API: (u32, u32) = (1, 41);
@@ -75,8 +75,10 @@ impl Check {
 /// What the checks look at; the CLI reads it from the environment.
 #[derive(Debug, Clone)]
 pub struct Setup {
-    /// `DOCKER_HOST`, if set.
-    pub docker_host: Option<String>,
+    /// Where the engine is looked for (`DOCKER_HOST`, or the engine's default address).
+    pub engine_address: String,
+    /// Where the engine is looked for when `DOCKER_HOST` is not set.
+    pub default_engine_address: String,
     /// `$XDG_STATE_HOME` (or its default).
     pub state_home: PathBuf,
     /// The task image (`image` of agentbox.toml, or the default).
@@ -85,23 +87,21 @@ pub struct Setup {
     pub port_range: PortRange,
 }
 
-/// Runs every check, in order.
-pub async fn run(setup: &Setup) -> Vec<Check> {
-    let mut checks = Vec::new();
-    let address = setup.docker_host.as_deref().unwrap_or(DEFAULT_ADDRESS);
-    checks.push(socket(address));
-    let engine = DockerEngine::connect(setup.docker_host.as_deref()).await;
-    match &engine {
-        Ok(engine) => checks.push(engine_version(engine).await),
+/// Runs every check, in order, against the engine the caller connected to (or the error that
+/// connecting gave).
+pub async fn run(setup: &Setup, runtime: Result<&dyn Runtime, &RuntimeError>) -> Vec<Check> {
+    let mut checks = vec![socket(setup)];
+    match runtime {
+        Ok(runtime) => checks.push(engine_version(setup, runtime).await),
         Err(e) => checks.push(Check::fail(
             "engine",
             e.to_string(),
-            unreachable_fix(address, &e.to_string()),
+            unreachable_fix(setup, &e.to_string()),
         )),
     }
     checks.push(git().await);
-    match &engine {
-        Ok(engine) => checks.push(image(engine, &setup.image).await),
+    match runtime {
+        Ok(runtime) => checks.push(image(runtime, &setup.image).await),
         Err(_) => checks.push(Check::skipped("image", "no engine to ask")),
     }
     checks.push(state_dir(&setup.state_home));
@@ -109,21 +109,23 @@ pub async fn run(setup: &Setup) -> Vec<Check> {
     checks
 }
 
-fn unreachable_fix(address: &str, error: &str) -> String {
+fn unreachable_fix(setup: &Setup, error: &str) -> String {
+    let (address, default) = (&setup.engine_address, &setup.default_engine_address);
     if error.to_ascii_lowercase().contains("permission denied") {
         "add yourself to the socket's group: `sudo usermod -aG docker $USER`, then log in again"
             .to_owned()
-    } else if address == DEFAULT_ADDRESS {
+    } else if address == default {
         "start the engine (`sudo systemctl start docker`, or `sudo service docker start`), or set DOCKER_HOST to one that runs".to_owned()
     } else {
         format!(
-            "DOCKER_HOST={address}: start the engine there, or unset DOCKER_HOST to use {DEFAULT_ADDRESS}"
+            "DOCKER_HOST={address}: start the engine there, or unset DOCKER_HOST to use {default}"
         )
     }
 }
 
 /// The engine's socket, when it is a local one: there, and ours to read and write.
-fn socket(address: &str) -> Check {
+fn socket(setup: &Setup) -> Check {
+    let address = setup.engine_address.as_str();
     let Some(path) = address.strip_prefix("unix://") else {
         return Check::ok(
             "socket",
@@ -135,7 +137,7 @@ fn socket(address: &str) -> Check {
         Err(e) => Check::fail(
             "socket",
             format!("{}: {e}", path.display()),
-            unreachable_fix(address, &e.to_string()),
+            unreachable_fix(setup, &e.to_string()),
         ),
         Ok(_) => match rustix::fs::access(
             path,
@@ -154,16 +156,14 @@ fn socket(address: &str) -> Check {
     }
 }
 
-async fn engine_version(engine: &DockerEngine) -> Check {
-    let agreed = engine.api_version();
-    match engine.engine_version().await {
-        Ok((version, api)) => {
+async fn engine_version(setup: &Setup, runtime: &dyn Runtime) -> Check {
+    match runtime.version().await {
+        Ok(version) => {
             let detail = format!(
-                "Docker {version} (API {api}; agentbox speaks {agreed}) at {}",
-                crate::runtime::Runtime::describe(engine)
-                    .trim_start_matches("the Docker engine at ")
+                "Docker {} (API {}; agentbox speaks {}) at {}",
+                version.engine, version.api, version.agreed, setup.engine_address
             );
-            match parse_version(&api) {
+            match parse_version(&version.api) {
                 Some(found) if found < MIN_API => Check::fail(
                     "engine",
                     detail,
@@ -228,8 +228,8 @@ async fn git() -> Check {
     }
 }
 
-async fn image(engine: &DockerEngine, image: &str) -> Check {
-    match engine.image_present(image).await {
+async fn image(runtime: &dyn Runtime, image: &str) -> Check {
+    match runtime.image_present(image).await {
         Ok(true) => Check::ok("image", format!("{image} is present")),
         Ok(false) if image == crate::supervisor::DEFAULT_IMAGE => Check::fail(
             "image",
@@ -352,6 +352,62 @@ mod tests {
         assert!(parse_version("2.37.1").unwrap() < RECOMMENDED_GIT);
         assert!(parse_version("2.9.0").unwrap() < RECOMMENDED_GIT);
         assert_eq!(parse_version("x"), None);
+    }
+
+    fn setup(state_home: &Path) -> Setup {
+        Setup {
+            engine_address: "unix:///nonexistent/doctor.sock".into(),
+            default_engine_address: "unix:///nonexistent/doctor.sock".into(),
+            state_home: state_home.to_owned(),
+            image: "some/image:1".into(),
+            port_range: PortRange::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_engine_and_the_image_are_asked_through_the_runtime() {
+        let tmp = tempfile::tempdir().unwrap();
+        let setup = setup(tmp.path());
+        let fake = crate::runtime::fake::FakeRuntime::default();
+        let missing = image(&fake, &setup.image).await;
+        assert_eq!(missing.status, Status::Fail, "{missing:?}");
+        assert!(missing.fix.unwrap().contains("docker pull some/image:1"));
+        fake.has_image("some/image:1");
+        assert_eq!(image(&fake, &setup.image).await.status, Status::Ok);
+
+        let engine = engine_version(&setup, &fake).await;
+        assert_eq!(engine.status, Status::Ok, "{engine:?}");
+        assert!(engine.detail.contains("API 1.41"), "{engine:?}");
+        assert!(
+            engine
+                .detail
+                .ends_with(" at unix:///nonexistent/doctor.sock")
+        );
+        fake.speaks_api("1.40");
+        let old = engine_version(&setup, &fake).await;
+        assert_eq!(old.status, Status::Fail, "{old:?}");
+        assert!(old.fix.unwrap().contains("upgrade"));
+    }
+
+    #[tokio::test]
+    async fn an_engine_out_of_reach_fails_and_skips_the_image() {
+        let tmp = tempfile::tempdir().unwrap();
+        let setup = setup(tmp.path());
+        let unreachable = RuntimeError::Unreachable {
+            address: setup.engine_address.clone(),
+            reason: "no such file".into(),
+        };
+        let checks = run(&setup, Err(&unreachable)).await;
+        let named = |name| checks.iter().find(|c| c.name == name).unwrap();
+        assert_eq!(named("engine").status, Status::Fail);
+        assert!(
+            named("engine")
+                .fix
+                .as_ref()
+                .unwrap()
+                .contains("start the engine")
+        );
+        assert_eq!(named("image").status, Status::Skipped);
     }
 
     #[test]

@@ -125,13 +125,25 @@ fn is_orphaned(ws: &Workspace, record: &TaskRecord) -> Result<bool, StateError> 
     Ok(crate::recovery::is_left_behind(ws, record) && !ws.state.is_supervised(&record.name)?)
 }
 
-pub fn list(ws: &Workspace) -> Result<Vec<TaskView>, InspectError> {
-    let mut views = Vec::new();
-    for record in ws.state.list()? {
+/// The tasks `agentbox ls` shows, and the records it cannot show.
+#[derive(Debug)]
+pub struct TaskList {
+    pub tasks: Vec<TaskView>,
+    /// One error per record that could not be read, naming its task and file.
+    pub damaged: Vec<StateError>,
+}
+
+pub fn list(ws: &Workspace) -> Result<TaskList, InspectError> {
+    let listing = ws.state.list_all()?;
+    let mut tasks = Vec::new();
+    for record in listing.records {
         let orphaned = is_orphaned(ws, &record)?;
-        views.push(TaskView::new(record, orphaned));
+        tasks.push(TaskView::new(record, orphaned));
     }
-    Ok(views)
+    Ok(TaskList {
+        tasks,
+        damaged: listing.damaged,
+    })
 }
 
 pub(crate) fn record(ws: &Workspace, task: &TaskName) -> Result<TaskRecord, InspectError> {

@@ -81,6 +81,11 @@ impl PortLedger {
         self.dir.join("ports.json")
     }
 
+    /// The machine-wide lock every change of the ledger takes.
+    pub(crate) fn lock_path(&self) -> PathBuf {
+        self.dir.join("ports.lock")
+    }
+
     fn io(&self, action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PortError {
         let path = path.to_owned();
         move |source| PortError::Io {
@@ -96,7 +101,7 @@ impl PortLedger {
         change: impl FnOnce(&mut Ledger) -> Result<T, PortError>,
     ) -> Result<T, PortError> {
         fs::create_dir_all(&self.dir).map_err(self.io("create the directory of", &self.path()))?;
-        let lock_path = self.dir.join("ports.lock");
+        let lock_path = self.lock_path();
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -187,6 +192,15 @@ impl PortLedger {
             ledger.retain(|_, e| &e.owner != owner);
             Ok(())
         })
+    }
+
+    /// [`release`](Self::release) on a blocking thread: the ledger's lock is machine-wide, and
+    /// waiting for it must not stall the other tasks an async caller drives.
+    pub async fn release_off_runtime(&self, owner: &Owner) -> Result<(), PortError> {
+        let (ledger, owner) = (self.clone(), owner.clone());
+        tokio::task::spawn_blocking(move || ledger.release(&owner))
+            .await
+            .expect("releasing ports does not panic")
     }
 
     /// Hands every port `from` holds to `to` (a pool slot's to the task that took it).

@@ -466,9 +466,6 @@ pub trait Runtime: Send + Sync {
     /// its id.
     async fn create_container(&self, spec: &ContainerSpec) -> Result<String, RuntimeError>;
 
-    /// Whether an image of this name is present locally.
-    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError>;
-
     /// Builds an image; each line of the build's output goes to `progress`.
     async fn build_image(
         &self,
@@ -501,6 +498,23 @@ pub trait Runtime: Send + Sync {
 
     /// Names of the volumes that carry all of these labels (`key=value`).
     async fn find_volumes(&self, labels: &[String]) -> Result<Vec<String>, RuntimeError>;
+
+    /// The engine's own version and API versions.
+    async fn version(&self) -> Result<EngineVersion, RuntimeError>;
+
+    /// Whether `image` is present locally (nothing is pulled).
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError>;
+}
+
+/// What an engine says of its own version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineVersion {
+    /// The engine's release ("20.10.24").
+    pub engine: String,
+    /// The newest API version the engine speaks ("1.41").
+    pub api: String,
+    /// The API version agentbox and the engine agreed on.
+    pub agreed: String,
 }
 
 /// Runs the setup commands in the container's own shell before the task's command, so that their

@@ -21,10 +21,11 @@ pub enum StateError {
         source: io::Error,
     },
     #[error(
-        "task record {} is damaged ({source}); move it away to let agentbox forget the task (its branch stays)",
+        "the record of task {task} ({}) is damaged: {source}; move it away to let agentbox forget the task (its branch stays)",
         path.display()
     )]
     Corrupt {
+        task: TaskName,
         path: PathBuf,
         source: serde_json::Error,
     },
@@ -241,9 +242,15 @@ impl StateDir {
     pub fn read(&self, name: &TaskName) -> Result<Option<TaskRecord>, StateError> {
         let path = self.record_path(name);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StateError::Corrupt { path, source }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StateError::Corrupt {
+                        task: name.clone(),
+                        path,
+                        source,
+                    })
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(io_error("read", &path)(e)),
         }
@@ -291,15 +298,26 @@ impl StateDir {
         Ok(())
     }
 
-    /// Every task record, sorted by name.
+    /// Every task record, sorted by name; the first one that cannot be read fails the whole list
+    /// (see [`list_all`](Self::list_all) for a list that goes on past it).
     pub fn list(&self) -> Result<Vec<TaskRecord>, StateError> {
+        let listing = self.list_all()?;
+        match listing.damaged.into_iter().next() {
+            Some(damaged) => Err(damaged),
+            None => Ok(listing.records),
+        }
+    }
+
+    /// Every task record that can be read, sorted by name, and why each other one cannot: a
+    /// damaged record keeps its own task from being looked at, never the others.
+    pub fn list_all(&self) -> Result<Listing, StateError> {
         let dir = self.tasks_dir();
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
             Err(e) => return Err(io_error("list", &dir)(e)),
         };
-        let mut records = Vec::new();
+        let mut listing = Listing::default();
         for entry in entries {
             let entry = entry.map_err(io_error("list", &dir))?;
             let file_name = entry.file_name();
@@ -309,12 +327,33 @@ impl StateDir {
             let Ok(name) = TaskName::parse(stem) else {
                 continue;
             };
-            if let Some(record) = self.read(&name)? {
-                records.push(record);
+            match self.read(&name) {
+                Ok(Some(record)) => listing.records.push(record),
+                Ok(None) => {}
+                Err(e) => listing.damaged.push(e),
             }
         }
-        records.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(records)
+        listing.records.sort_by(|a, b| a.name.cmp(&b.name));
+        listing.damaged.sort_by_key(|e| e.task().cloned());
+        Ok(listing)
+    }
+}
+
+/// What [`StateDir::list_all`] found.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub records: Vec<TaskRecord>,
+    /// One error per record that could not be read, naming its task and file.
+    pub damaged: Vec<StateError>,
+}
+
+impl StateError {
+    /// The task whose record this is about, when it is about one.
+    pub fn task(&self) -> Option<&TaskName> {
+        match self {
+            Self::Corrupt { task, .. } | Self::Damaged { task, .. } => Some(task),
+            Self::Io { .. } => None,
+        }
     }
 }
 

@@ -432,3 +432,41 @@ fn gc_does_not_commit_a_half_removed_worktree_as_deletions() {
     );
     env.assert_torn_down("t");
 }
+
+#[test]
+fn a_damaged_record_is_named_by_ls_gc_and_rm_and_stops_no_other_task() {
+    let env = TestEnv::new("gc-damaged");
+    env.output(["run", "fine", "--", "true"]).expect_code(0);
+    crash(&env, "crashed");
+    let record = env.task_records().into_iter().next().unwrap();
+    let damaged = record.with_file_name("broken.json");
+    std::fs::write(&damaged, "{ \"name\": \"broken\", \"state\": ").unwrap();
+    let names_it = |out: &Out| {
+        out.expect_stderr_contains("task broken")
+            .expect_stderr_contains(&damaged.display().to_string());
+    };
+
+    let ls = env.output(["ls"]);
+    ls.expect_code(1);
+    names_it(&ls);
+    assert!(
+        ls.stdout.contains("fine") && ls.stdout.contains("crashed"),
+        "{ls}"
+    );
+
+    let gc = env.output(["gc"]);
+    gc.expect_code(1);
+    names_it(&gc);
+    env.assert_torn_down("crashed");
+    assert_eq!(
+        env.file_at("agentbox/crashed", "wip.txt").as_deref(),
+        Some("wip\n"),
+        "the other task was recovered\n{gc}"
+    );
+
+    let rm = env.output(["rm", "broken"]);
+    rm.expect_code(1);
+    names_it(&rm);
+    env.output(["rm", "fine"]).expect_code(0);
+    assert!(damaged.exists(), "the damaged record is left for the user");
+}

@@ -19,13 +19,17 @@ pub async fn doctor(context: &Context, args: Args) -> Result<u8, CommandError> {
         .ok()
         .and_then(|ws| ws.load_config().ok())
         .unwrap_or_default();
+    let (engine_address, default_engine_address) = context.engine_address();
     let setup = Setup {
-        docker_host: context.env.docker_host.clone(),
+        engine_address,
+        default_engine_address,
         state_home: context.env.state_home.clone(),
         image: config.image.unwrap_or_else(|| DEFAULT_IMAGE.to_owned()),
         port_range: config.port_range.unwrap_or_default(),
     };
-    let checks = doctor::run(&setup).await;
+    // An engine that cannot be reached is one of the findings, not an error of doctor's.
+    let runtime = context.runtime().await;
+    let checks = doctor::run(&setup, runtime.as_deref()).await;
     let mut out = String::new();
     for check in &checks {
         if args.json {

@@ -51,7 +51,10 @@ pub async fn gc(context: &Context, args: Args) -> Result<u8, CommandError> {
         for network in &summary.shared_networks_removed {
             eprintln!("agentbox: removed network {network}, which no task uses any more");
         }
-        if summary.steps == 0 && summary.shared_networks_removed.is_empty() {
+        if summary.steps == 0
+            && summary.shared_networks_removed.is_empty()
+            && summary.damaged.is_empty()
+        {
             eprintln!("agentbox: nothing to clean up");
         }
         if !summary.live.is_empty() {
@@ -67,10 +70,21 @@ pub async fn gc(context: &Context, args: Args) -> Result<u8, CommandError> {
             );
         }
     }
+    // Named on stderr even with --json: a damaged record is not a step.
+    for damaged in &summary.damaged {
+        eprintln!("agentbox: error: {damaged}");
+    }
     if summary.failed > 0 {
         return Err(failed(format!(
             "{} of {} clean-up steps failed (see above); nothing was discarded: what could not be cleaned up is kept (`agentbox ls` says why and `agentbox rm` removes it) or left for the next `agentbox gc`",
             summary.failed, summary.steps
+        )));
+    }
+    if !summary.damaged.is_empty() {
+        return Err(failed(format!(
+            "{} task record{} could not be read (see above); those tasks were left alone, the others cleaned up",
+            summary.damaged.len(),
+            if summary.damaged.len() == 1 { "" } else { "s" }
         )));
     }
     Ok(0)
@@ -141,7 +155,12 @@ pub(super) async fn recover_left_behind(ws: &agentbox::Workspace, runtime: &dyn 
         None => eprintln!("agentbox: recovered: {}", describe(action)),
         Some(error) => eprintln!("agentbox: warning: {error}"),
     };
-    if let Err(e) = recovery::reconcile(ws, runtime, &options, &mut report).await {
-        eprintln!("agentbox: warning: cleaning up tasks left behind failed: {e}");
+    match recovery::reconcile(ws, runtime, &options, &mut report).await {
+        Ok(summary) => {
+            for damaged in &summary.damaged {
+                eprintln!("agentbox: warning: {damaged}");
+            }
+        }
+        Err(e) => eprintln!("agentbox: warning: cleaning up tasks left behind failed: {e}"),
     }
 }

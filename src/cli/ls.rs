@@ -1,6 +1,6 @@
 use agentbox::inspect;
 
-use super::{CommandError, Context, failed, write_stdout};
+use super::{CommandError, Context, EXIT_ERROR, failed, write_stdout};
 
 /// List the tasks of this repository
 #[derive(Debug, clap::Args)]
@@ -13,7 +13,7 @@ pub struct Args {
 
 pub fn ls(context: &Context, args: Args) -> Result<u8, CommandError> {
     let ws = context.workspace().map_err(failed)?;
-    let tasks = inspect::list(&ws).map_err(failed)?;
+    let inspect::TaskList { tasks, damaged } = inspect::list(&ws).map_err(failed)?;
     let mut out = String::new();
     if args.json {
         for task in &tasks {
@@ -59,5 +59,9 @@ pub fn ls(context: &Context, args: Args) -> Result<u8, CommandError> {
         }
     }
     write_stdout(out.as_bytes())?;
-    Ok(0)
+    // The tasks that could be read are listed all the same; each one that could not is named.
+    for error in &damaged {
+        eprintln!("agentbox: error: {error}");
+    }
+    Ok(if damaged.is_empty() { 0 } else { EXIT_ERROR })
 }

@@ -43,7 +43,7 @@ use std::sync::Arc;
 
 use agentbox::Workspace;
 use agentbox::config::ProjectConfig;
-use agentbox::docker::DockerEngine;
+use agentbox::docker::{DEFAULT_ADDRESS, DockerEngine};
 use agentbox::runtime::Runtime;
 use agentbox::task::TaskName;
 use clap::{Parser, Subcommand};
@@ -325,6 +325,13 @@ impl Context {
     async fn runtime(&self) -> Result<Arc<dyn Runtime>, agentbox::runtime::RuntimeError> {
         let engine = DockerEngine::connect(self.env.docker_host.as_deref()).await?;
         Ok(Arc::new(engine))
+    }
+
+    /// Where [`runtime`](Self::runtime) looks for the engine, and where it would without
+    /// `DOCKER_HOST`.
+    fn engine_address(&self) -> (String, String) {
+        let address = self.env.docker_host.as_deref().unwrap_or(DEFAULT_ADDRESS);
+        (address.to_owned(), DEFAULT_ADDRESS.to_owned())
     }
 
     /// What `run` and `batch` do before any task starts: open the repository with its

@@ -299,7 +299,7 @@ pub async fn ensure_image(
     progress: &(dyn for<'line> Fn(&'line str) + Sync),
 ) -> Result<String, DevcontainerError> {
     let tag = plan.tag(&ws.repo, &ws.repo_id)?;
-    if runtime.image_exists(&tag).await? {
+    if runtime.image_present(&tag).await? {
         return Ok(tag);
     }
     let lock_path = ws.state.root().join("builds").join(format!(
@@ -310,7 +310,7 @@ pub async fn ensure_image(
         .await
         .expect("taking a lock does not panic")?;
     // Whoever held the lock may have built it.
-    if runtime.image_exists(&tag).await? {
+    if runtime.image_present(&tag).await? {
         drop(lock);
         return Ok(tag);
     }

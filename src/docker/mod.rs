@@ -16,9 +16,9 @@ use bollard::query_parameters::{
 use futures::{StreamExt, TryStreamExt};
 
 use crate::runtime::{
-    Attached, ContainerSpec, ExecSpec, Execution, Exit, FoundContainer, FoundNetwork,
-    ImageDefaults, NetworkSpec, OutputStream, REPO_LABEL, Runtime, RuntimeError, SHARED_LABEL,
-    Sandbox, SandboxPlan, StartError, wrap_with_setup,
+    Attached, ContainerSpec, EngineVersion, ExecSpec, Execution, Exit, FoundContainer,
+    FoundNetwork, ImageDefaults, NetworkSpec, OutputStream, REPO_LABEL, Runtime, RuntimeError,
+    SHARED_LABEL, Sandbox, SandboxPlan, StartError, wrap_with_setup,
 };
 
 /// The engine address used when the caller names none (`DOCKER_HOST` unset).
@@ -72,29 +72,6 @@ impl DockerEngine {
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         Ok(Self { docker, address })
-    }
-
-    /// The engine's own version and the newest API version it speaks.
-    pub async fn engine_version(&self) -> Result<(String, String), RuntimeError> {
-        let version = self
-            .docker
-            .version()
-            .await
-            .map_err(api("asking the version of", &self.address))?;
-        Ok((
-            version.version.unwrap_or_else(|| "?".into()),
-            version.api_version.unwrap_or_else(|| "?".into()),
-        ))
-    }
-
-    /// Whether `image` is present locally (nothing is pulled).
-    pub async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
-        Ok(self.image_defaults(image).await?.is_some())
-    }
-
-    /// The API version agreed on with the engine.
-    pub fn api_version(&self) -> String {
-        self.docker.client_version().to_string()
     }
 
     /// Makes sure `image` is present, pulling it when a registry can be reached, and returns what it
@@ -778,10 +755,6 @@ impl Runtime for DockerEngine {
             .collect())
     }
 
-    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
-        Ok(self.image_defaults(image).await?.is_some())
-    }
-
     async fn build_image(
         &self,
         spec: &crate::runtime::BuildSpec,
@@ -870,6 +843,23 @@ impl Runtime for DockerEngine {
             }),
             _ => None,
         })
+    }
+
+    async fn version(&self) -> Result<EngineVersion, RuntimeError> {
+        let version = self
+            .docker
+            .version()
+            .await
+            .map_err(api("asking the version of", &self.address))?;
+        Ok(EngineVersion {
+            engine: version.version.unwrap_or_else(|| "?".into()),
+            api: version.api_version.unwrap_or_else(|| "?".into()),
+            agreed: self.docker.client_version().to_string(),
+        })
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        Ok(self.image_defaults(image).await?.is_some())
     }
 }
 

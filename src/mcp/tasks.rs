@@ -230,7 +230,8 @@ impl Server {
     fn list(&self) -> Result<rmcp::model::CallToolResult, ToolError> {
         let mut tasks = Vec::new();
         let mut text = String::new();
-        for view in inspect::list(self.ws())? {
+        let listed = inspect::list(self.ws())?;
+        for view in listed.tasks {
             let task = parse_task(&view.name)?;
             let long_lived = self.record(&task).map(|r| r.idle).unwrap_or(false);
             text.push_str(&format!("{} {} {}\n", view.name, view.state, view.branch));
@@ -238,6 +239,9 @@ impl Server {
         }
         if tasks.is_empty() {
             text = "no tasks".into();
+        }
+        for damaged in &listed.damaged {
+            text.push_str(&format!("\nerror: {damaged}"));
         }
         done(text, serde_json::json!({ "tasks": tasks })).map_err(|e| ToolError::new(e.message))
     }

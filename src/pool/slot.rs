@@ -357,7 +357,9 @@ pub async fn remove_slot(
     tokio::task::spawn_blocking(move || dirs.remove())
         .await
         .expect("removing directories does not panic")?;
-    ws.ports.release(&pool_owner(ws, &slot.id))?;
+    ws.ports
+        .release_off_runtime(&pool_owner(ws, &slot.id))
+        .await?;
     forget(ws, &slot.id);
     Ok(())
 }
@@ -398,4 +400,60 @@ pub async fn collect_dead(
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Whether some open file waits for the flock on the file with inode `ino` (a `->` line of
+    /// /proc/locks, whose fields name the file as `major:minor:inode`).
+    fn someone_waits_for(ino: u64) -> bool {
+        let suffix = format!(":{ino}");
+        fs::read_to_string("/proc/locks")
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains("->"))
+            .any(|line| line.split_whitespace().any(|f| f.ends_with(&suffix)))
+    }
+
+    #[tokio::test]
+    async fn removing_a_slot_waits_for_the_port_ledger_off_the_async_runtime() {
+        let fx = crate::supervisor::tests::fixture();
+        let ws = fx.ws.clone();
+        // Another agentbox is changing its ports: it holds the ledger's lock.
+        ws.ports.all_held().unwrap();
+        let lock_path = ws.ports.lock_path();
+        let held = OpenOptions::new().write(true).open(&lock_path).unwrap();
+        held.lock().unwrap();
+        let ino = fs::metadata(&lock_path).unwrap().ino();
+        let (go, told) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            // A removal that blocks the runtime never lets the test say so: the lock is then let
+            // go after a while, and the test fails instead of hanging.
+            let told_in_time = told.recv_timeout(Duration::from_secs(20)).is_ok();
+            drop(held);
+            told_in_time
+        });
+        let fake = crate::runtime::fake::FakeRuntime::default();
+        let slot = Slot::placeholder(&ws, "s1");
+        let removal = tokio::spawn({
+            let ws = ws.clone();
+            async move { remove_slot(&ws, &fake, &slot).await }
+        });
+        // This task runs again while the removal waits for the lock only if the removal waits on
+        // a thread of its own.
+        while !removal.is_finished() && !someone_waits_for(ino) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = go.send(());
+        removal.await.unwrap().unwrap();
+        assert!(
+            holder.join().unwrap(),
+            "the removal blocked the async runtime while it waited for the port ledger's lock"
+        );
+    }
 }

@@ -37,12 +37,12 @@ use crate::workspace::Workspace;
 #[derive(Debug, thiserror::Error)]
 pub enum RecoveryError {
     #[error(
-        "recovery of task {task} is incomplete: {}; nothing was discarded, and `agentbox gc` tries again once that is fixed",
-        problems.join("; ")
+        "recovery of task {task} is incomplete: {problems}; nothing was discarded, and `agentbox gc` tries again once that is fixed"
     )]
     Incomplete {
         task: TaskName,
-        problems: Vec<String>,
+        #[source]
+        problems: teardown::Problems,
     },
     #[error(transparent)]
     Git(#[from] GitError),
@@ -63,7 +63,7 @@ pub struct Options {
 }
 
 /// What [`reconcile`] did besides its steps.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct Summary {
     pub steps: usize,
     pub failed: usize,
@@ -73,6 +73,9 @@ pub struct Summary {
     pub kept: Vec<TaskName>,
     /// The networks the repository's tasks share, removed because no task is left to use them.
     pub shared_networks_removed: Vec<String>,
+    /// Records that could not be read: their tasks are left alone, whatever they left behind,
+    /// until the record is mended or moved away.
+    pub damaged: Vec<StateError>,
 }
 
 /// Whether a record shows a task left half-way by an earlier run, assuming that no supervisor holds
@@ -89,7 +92,8 @@ pub fn is_left_behind(ws: &Workspace, record: &TaskRecord) -> bool {
 /// and their locks (no engine, no git), so `run` and `batch` can ask it every time and call
 /// [`reconcile`] only when there is something to do.
 pub fn anything_left_behind(ws: &Workspace) -> Result<bool, StateError> {
-    for record in ws.state.list()? {
+    // A damaged record says nothing either way; `reconcile` reports it.
+    for record in ws.state.list_all()?.records {
         if is_left_behind(ws, &record) && !ws.state.is_supervised(&record.name)? {
             return Ok(true);
         }
@@ -106,9 +110,13 @@ pub async fn reconcile(
     options: &Options,
     report: &mut (dyn FnMut(&Step) + Send),
 ) -> Result<Summary, RecoveryError> {
-    let records: BTreeMap<TaskName, TaskRecord> = ws
-        .state
-        .list()?
+    let listing = ws.state.list_all()?;
+    let mut summary = Summary {
+        damaged: listing.damaged,
+        ..Summary::default()
+    };
+    let records: BTreeMap<TaskName, TaskRecord> = listing
+        .records
         .into_iter()
         .map(|r| (r.name.clone(), r))
         .collect();
@@ -120,13 +128,19 @@ pub async fn reconcile(
     }
     let labelled = labelled_tasks(ws, runtime).await?;
     let with_dirs = tasks_with_git_dirs(ws);
+    // A task whose record is damaged is not guessed at: what it left stays where it is.
+    let damaged: BTreeSet<TaskName> = summary
+        .damaged
+        .iter()
+        .filter_map(|e| e.task().cloned())
+        .collect();
     let tasks: BTreeSet<&TaskName> = records
         .keys()
         .chain(labelled.iter())
         .chain(with_dirs.iter())
+        .filter(|task| !damaged.contains(*task))
         .collect();
 
-    let mut summary = Summary::default();
     for task in tasks {
         let leftover = labelled.contains(task) || with_dirs.contains(task);
         let record = records.get(task);
@@ -146,13 +160,17 @@ pub async fn reconcile(
             continue;
         };
         // Holding the lock, look again: a run may have started and ended since the first look.
-        let mut record = match ws.state.read(task)? {
-            Some(record) if record.state == TaskState::Kept => {
+        let mut record = match ws.state.read(task) {
+            Ok(Some(record)) if record.state == TaskState::Kept => {
                 summary.kept.push(task.clone());
                 continue;
             }
-            Some(record) => record,
-            None => record_for_leftovers(ws, task),
+            Ok(Some(record)) => record,
+            Ok(None) => record_for_leftovers(ws, task),
+            Err(e) => {
+                summary.damaged.push(e);
+                continue;
+            }
         };
         let leftovers =
             Leftovers::find(runtime, &ws.repo_id, task, record.pool_slot.as_deref()).await?;
@@ -186,15 +204,18 @@ pub async fn reconcile(
         )
         .await;
     }
-    if !options.dry_run {
-        // Pool slots whose maker or taker died; ready slots stay, they are the pool.
-        let owned: BTreeSet<String> = ws
-            .state
-            .list()?
-            .into_iter()
-            .filter_map(|r| r.pool_slot)
-            .collect();
-        let _ = crate::pool::collect_dead(ws, runtime, &owned).await;
+    if !options.dry_run && summary.damaged.is_empty() {
+        // Pool slots whose maker or taker died; ready slots stay, they are the pool. Not while a
+        // record cannot be read: the slot it names would look dead.
+        let owned = ws.state.list_all()?;
+        if owned.damaged.is_empty() {
+            let owned: BTreeSet<String> = owned
+                .records
+                .into_iter()
+                .filter_map(|r| r.pool_slot)
+                .collect();
+            let _ = crate::pool::collect_dead(ws, runtime, &owned).await;
+        }
     }
     if summary.live.is_empty() && !options.dry_run {
         summary.shared_networks_removed = remove_shared_networks(ws, runtime).await;
@@ -312,7 +333,7 @@ async fn recover_one(
     } else {
         Err(RecoveryError::Incomplete {
             task: record.name.clone(),
-            problems: report.problems,
+            problems: teardown::Problems(report.problems),
         })
     }
 }

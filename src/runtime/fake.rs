@@ -2,13 +2,13 @@
 //! order of steps, rollbacks, recovery. It records every call, can be told to fail at a named step,
 //! and runs a closure in place of the task's command (to play the task: write files, commit).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{
-    Exit, FoundContainer, FoundNetwork, Output, OutputStream, Runtime, RuntimeError, Sandbox,
-    SandboxPlan, StartError,
+    EngineVersion, Exit, FoundContainer, FoundNetwork, Output, OutputStream, Runtime, RuntimeError,
+    Sandbox, SandboxPlan, StartError,
 };
 
 /// What the task's "command" does when the container starts: it gets the container's name.
@@ -24,6 +24,9 @@ struct State {
     networks: BTreeMap<String, HashMap<String, String>>,
     next_id: u64,
     command: Option<Command>,
+    images: BTreeSet<String>,
+    /// The newest API version the engine says it speaks; `None` is agentbox's own.
+    api: Option<String>,
 }
 
 #[derive(Clone, Default)]
@@ -49,6 +52,16 @@ impl FakeRuntime {
     /// What the task does while it runs.
     pub(crate) fn command(&self, command: Command) {
         self.state.lock().unwrap().command = Some(command);
+    }
+
+    /// Makes `image` present.
+    pub(crate) fn has_image(&self, image: &str) {
+        self.state.lock().unwrap().images.insert(image.to_owned());
+    }
+
+    /// Makes the engine say it speaks API `api` at most.
+    pub(crate) fn speaks_api(&self, api: &str) {
+        self.state.lock().unwrap().api = Some(api.to_owned());
     }
 
     pub(crate) fn calls(&self) -> Vec<String> {
@@ -324,11 +337,6 @@ impl Runtime for FakeRuntime {
         Ok(Vec::new())
     }
 
-    async fn image_exists(&self, image: &str) -> Result<bool, RuntimeError> {
-        self.call("image_exists", image)?;
-        Ok(false)
-    }
-
     async fn build_image(
         &self,
         spec: &super::BuildSpec,
@@ -348,5 +356,20 @@ impl Runtime for FakeRuntime {
                 oom_killed: false,
             })
         }))
+    }
+
+    async fn version(&self) -> Result<EngineVersion, RuntimeError> {
+        self.call("version", "")?;
+        let api = (self.state.lock().unwrap().api.clone()).unwrap_or_else(|| "1.41".into());
+        Ok(EngineVersion {
+            engine: "0.0-fake".into(),
+            agreed: api.clone(),
+            api,
+        })
+    }
+
+    async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
+        self.call("image_present", image)?;
+        Ok(self.state.lock().unwrap().images.contains(image))
     }
 }

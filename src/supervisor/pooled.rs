@@ -1,7 +1,8 @@
 //! A task made from a pool slot: the slot's idle sandbox becomes the task's, and the command runs in
 //! it with `exec` (see [`crate::pool`]).
 
-use super::{IDLE_COMMAND, RunError, SetupFailure, Supervised, ZERO_ID, fill_worktree};
+use super::create::fill_worktree;
+use super::{IDLE_COMMAND, RunError, SetupFailure, Supervised, ZERO_ID};
 use crate::pool::{self, Slot, SlotClaim};
 use crate::runtime::{ExecSpec, REPO_LABEL, SERVICE_LABEL, Sandbox, wrap_with_setup};
 

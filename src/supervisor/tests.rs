@@ -21,10 +21,10 @@ use crate::task::{TaskName, TaskState};
 use crate::teardown::{self, Ending, Leftovers, Step};
 use crate::workspace::Workspace;
 
-struct Fixture {
+pub(crate) struct Fixture {
     _tmp: tempfile::TempDir,
     repo: PathBuf,
-    ws: Workspace,
+    pub(crate) ws: Workspace,
 }
 
 fn git(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
@@ -48,7 +48,8 @@ fn git(dir: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn fixture() -> Fixture {
+/// A repository with two files in one commit on `main`, and its workspace.
+pub(crate) fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().canonicalize().unwrap();
     let repo = root.join("proj");
@@ -69,7 +70,8 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    fn request(&self, task: &str) -> RunRequest {
+    /// A task with a port and a service.
+    pub(crate) fn request(&self, task: &str) -> RunRequest {
         let mut request = RunRequest::new(TaskName::parse(task).unwrap(), "img");
         request.ports = IndexMap::from([("web".to_owned(), 3000)]);
         request.services = IndexMap::from([(
@@ -228,21 +230,151 @@ async fn every_creation_step_failing_rolls_back_fully() {
         "attach",
         "start",
     ] {
-        let fx = fixture();
-        let fake = FakeRuntime::default();
-        fake.fail_on(step);
-        let err = fx.run(&fake, fx.request("t")).await.unwrap_err();
-        assert!(err.to_string().contains("fake engine"), "{step}: {err}");
-        fx.assert_no_trace(&fake, "t");
-        assert_eq!(
-            fx.branch_tip("t"),
-            None,
-            "{step}: the new branch is rolled back"
-        );
-        assert!(
-            fx.ws.state.list().unwrap().is_empty(),
-            "{step}: no record is left"
-        );
+        for defer_deletion in [false, true] {
+            let fx = fixture();
+            let fake = FakeRuntime::default();
+            fake.fail_on(step);
+            let mut request = fx.request("t");
+            request.defer_deletion = defer_deletion;
+            let err = fx.run(&fake, request).await.unwrap_err();
+            let case = format!("{step}, defer_deletion {defer_deletion}");
+            assert!(err.to_string().contains("fake engine"), "{case}: {err}");
+            fx.assert_no_trace(&fake, "t");
+            assert_eq!(
+                fx.branch_tip("t"),
+                None,
+                "{case}: the new branch is rolled back"
+            );
+            assert!(
+                fx.ws.state.list().unwrap().is_empty(),
+                "{case}: no record is left"
+            );
+            assert!(
+                crate::trash::manifests(&fx.ws.state).is_empty(),
+                "{case}: nothing is left for a purge"
+            );
+        }
+    }
+}
+
+/// A commit on top of `main` with a file whose name is too long for any file system: git can
+/// store it, but no checkout of it succeeds.
+fn commit_that_cannot_be_checked_out(fx: &Fixture) -> String {
+    let blob = git(&fx.repo, &["hash-object", "-w", "a.txt"], &[]);
+    let long = "x".repeat(300);
+    let listing = format!("100644 blob {blob}\t{long}\n");
+    let mut mktree = Command::new("git")
+        .args(["mktree"])
+        .current_dir(&fx.repo)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut mktree.stdin.take().unwrap(), listing.as_bytes()).unwrap();
+    let tree = mktree.wait_with_output().unwrap();
+    assert!(tree.status.success());
+    let tree = String::from_utf8_lossy(&tree.stdout).trim().to_owned();
+    git(
+        &fx.repo,
+        &["commit-tree", "-m", "too long", "-p", "main", &tree],
+        &[],
+    )
+}
+
+/// A creation step outside the engine, and what makes it fail with real git and real files.
+#[derive(Debug, Clone, Copy)]
+enum HostStep {
+    Checkout,
+    Ports,
+    Copy,
+    EnvFile,
+}
+
+impl HostStep {
+    /// Sets the failure up; returns the commit the task's branch would start from.
+    fn make_fail(self, fx: &Fixture, request: &mut RunRequest) -> String {
+        match self {
+            Self::Checkout => {
+                let commit = commit_that_cannot_be_checked_out(fx);
+                request.base = Some(commit.clone());
+                return commit;
+            }
+            Self::Ports => {
+                // The only port of the range is another task's.
+                let range = crate::config::PortRange {
+                    first: 20999,
+                    last: 20999,
+                };
+                let other = crate::ports::Owner {
+                    repo_id: fx.ws.repo_id.clone(),
+                    task: "other".into(),
+                };
+                fx.ws
+                    .ports
+                    .reserve(&other, &["web".to_owned()], range, &Default::default())
+                    .unwrap();
+                request.port_range = range;
+            }
+            Self::Copy => {
+                request.copy_from = Some(fx.repo.clone());
+                request.copy = vec![PathBuf::from("not-there.txt")];
+            }
+            // A directory of the checkout is where the env file would go.
+            Self::EnvFile => request.env_file_name = "dir".into(),
+        }
+        git(&fx.repo, &["rev-parse", "main"], &[])
+    }
+
+    /// What the error says.
+    fn says(self) -> &'static str {
+        match self {
+            Self::Checkout => "File name too long",
+            Self::Ports => "no free host port left in range 20999-20999 for task t",
+            Self::Copy => "not-there.txt",
+            Self::EnvFile => "dir is not a regular file",
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_host_creation_step_failing_rolls_back_fully() {
+    for step in [
+        HostStep::Checkout,
+        HostStep::Ports,
+        HostStep::Copy,
+        HostStep::EnvFile,
+    ] {
+        for defer_deletion in [false, true] {
+            for branch_existed in [false, true] {
+                let case = format!(
+                    "{step:?}, defer_deletion {defer_deletion}, branch existed {branch_existed}"
+                );
+                let fx = fixture();
+                let fake = FakeRuntime::default();
+                let mut request = fx.request("t");
+                request.defer_deletion = defer_deletion;
+                let start = step.make_fail(&fx, &mut request);
+                if branch_existed {
+                    git(&fx.repo, &["branch", "agentbox/t", &start], &[]);
+                }
+                let err = fx.run(&fake, request).await.unwrap_err();
+                assert!(err.to_string().contains(step.says()), "{case}: {err}");
+                fx.assert_no_trace(&fake, "t");
+                assert_eq!(
+                    fx.branch_tip("t"),
+                    branch_existed.then_some(start),
+                    "{case}: only a branch that existed before stays, where it was"
+                );
+                assert!(
+                    fx.ws.state.list().unwrap().is_empty(),
+                    "{case}: no record is left"
+                );
+                assert!(
+                    crate::trash::manifests(&fx.ws.state).is_empty(),
+                    "{case}: nothing is left for a purge"
+                );
+            }
+        }
     }
 }
 
@@ -426,6 +558,136 @@ async fn a_teardown_cut_short_at_any_step_is_finished_by_recovery_without_loss()
         );
     }
     std::panic::set_hook(quiet);
+}
+
+#[tokio::test]
+async fn a_second_teardown_of_a_torn_down_task_does_nothing() {
+    for defer_deletion in [false, true] {
+        let fx = fixture();
+        let fake = FakeRuntime::default();
+        plays_a_task(&fx, &fake, "t");
+        let mut request = fx.request("t");
+        request.defer_deletion = defer_deletion;
+        fx.run(&fake, request).await.unwrap();
+        let name = TaskName::parse("t").unwrap();
+        let before = fx.ws.state.read(&name).unwrap().unwrap();
+        let tip = fx.branch_tip("t");
+        let calls = fake.calls().len();
+
+        let claim = fx.ws.state.try_claim(&name).unwrap().unwrap();
+        let mut record = before.clone();
+        let leftovers = Leftovers::find(&fake, &fx.ws.repo_id, &name, None)
+            .await
+            .unwrap();
+        let mut steps = Vec::new();
+        let report = teardown::tear_down(
+            &fx.ws,
+            &fake,
+            &mut record,
+            leftovers,
+            &teardown_options(Ending::Exited),
+            &claim,
+            &mut |step| steps.push(step.clone()),
+        )
+        .await;
+        let case = format!("defer_deletion {defer_deletion}");
+        assert!(steps.is_empty(), "{case}: {steps:?}");
+        assert!(
+            report.problems.is_empty() && report.notices.is_empty(),
+            "{case}"
+        );
+        assert_eq!(report.snapshot_commit, None, "{case}: no second snapshot");
+        assert_eq!(record, before, "{case}: the record is as it was");
+        assert_eq!(fx.ws.state.read(&name).unwrap().unwrap(), before, "{case}");
+        assert_eq!(fx.branch_tip("t"), tip, "{case}: the branch did not move");
+        // Nothing but the look for leftovers (which the fake does not count) reached the engine.
+        assert_eq!(fake.calls().len(), calls, "{case}: {:?}", fake.calls());
+        fx.assert_no_trace(&fake, "t");
+    }
+}
+
+#[tokio::test]
+async fn a_damaged_record_is_named_and_keeps_no_other_task_from_being_recovered() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    ended_but_not_torn_down(&fx, &fake).await;
+    let tasks_dir = fx.ws.state.root().join("tasks");
+    // One record lacks a field, one is not JSON at all.
+    let mut lacking: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tasks_dir.join("t.json")).unwrap()).unwrap();
+    lacking["name"] = "nobase".into();
+    lacking.as_object_mut().unwrap().remove("base_commit");
+    let nobase = tasks_dir.join("nobase.json");
+    std::fs::write(&nobase, serde_json::to_vec(&lacking).unwrap()).unwrap();
+    let junk = tasks_dir.join("junk.json");
+    std::fs::write(&junk, "{ half a record").unwrap();
+    let names_task_and_file = |error: &str, task: &str, file: &Path| {
+        assert!(
+            error.contains(&format!("task {task} ")) && error.contains(&file.display().to_string()),
+            "{error}"
+        );
+    };
+
+    let listed = crate::inspect::list(&fx.ws).unwrap();
+    let names: Vec<&str> = listed.tasks.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["t"], "the readable task is listed");
+    let damaged: Vec<String> = listed.damaged.iter().map(|e| e.to_string()).collect();
+    assert_eq!(damaged.len(), 2, "{damaged:?}");
+    names_task_and_file(&damaged[0], "junk", &junk);
+    names_task_and_file(&damaged[1], "nobase", &nobase);
+    assert!(damaged[1].contains("base_commit"), "{}", damaged[1]);
+
+    let options = recovery::Options {
+        dry_run: false,
+        stop_timeout: Duration::from_secs(1),
+        max_file_size: teardown::DEFAULT_MAX_SNAPSHOT_FILE,
+    };
+    let summary = recovery::reconcile(&fx.ws, &fake, &options, &mut |_| {})
+        .await
+        .unwrap();
+    assert_eq!(summary.damaged.len(), 2, "{:?}", summary.damaged);
+    assert_eq!(summary.failed, 0);
+    fx.assert_no_trace(&fake, "t");
+    assert_eq!(
+        fx.file_at("agentbox/t", "wip2.txt").as_deref(),
+        Some("more\n"),
+        "the other task was recovered"
+    );
+    assert!(
+        nobase.exists() && junk.exists(),
+        "damaged records are left alone"
+    );
+
+    let removal = crate::control::remove(
+        &fx.ws,
+        Some(&fake),
+        &TaskName::parse("nobase").unwrap(),
+        false,
+        false,
+    )
+    .await
+    .unwrap_err();
+    names_task_and_file(&removal.to_string(), "nobase", &nobase);
+}
+
+#[tokio::test]
+async fn a_failed_teardown_step_keeps_the_engines_error_as_its_cause() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    ended_but_not_torn_down(&fx, &fake).await;
+    fake.fail_on("remove_container");
+    let name = TaskName::parse("t").unwrap();
+    let claim = fx.ws.state.try_claim(&name).unwrap().unwrap();
+    let record = fx.ws.state.read(&name).unwrap().unwrap();
+    let err = recovery::recover_for_run(&fx.ws, &fake, &record, &claim, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("fake engine"), "{err}");
+    let mut chain = std::iter::successors(Some(&err as &dyn std::error::Error), |e| e.source());
+    assert!(
+        chain.any(|e| e.downcast_ref::<crate::runtime::RuntimeError>().is_some()),
+        "the engine's error is in the chain of {err:?}"
+    );
 }
 
 #[tokio::test]

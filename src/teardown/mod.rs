@@ -26,18 +26,25 @@
 //! is finished by the next one (recovery), and a teardown of a torn-down task does nothing.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::git::import::{self, Imported};
-use crate::git::snapshot::{self, LeftOut, Staging};
-use crate::git::{GitError, Identity, TaskDirs};
+use crate::git::Identity;
+use crate::git::import::Imported;
+use crate::git::snapshot::LeftOut;
 use crate::ports::Owner;
-use crate::runtime::{Exit, FoundContainer, FoundNetwork, REPO_LABEL, Runtime, TASK_LABEL};
+use crate::runtime::{Exit, Runtime};
 use crate::state::TaskClaim;
 use crate::task::{TaskName, TaskRecord, TaskState};
 use crate::workspace::Workspace;
+
+mod containers;
+mod work;
+
+pub use containers::Leftovers;
+use containers::removal;
 
 /// Files larger than this are not put into a snapshot unless configured otherwise.
 pub const DEFAULT_MAX_SNAPSHOT_FILE: u64 = 100 << 20;
@@ -93,66 +100,77 @@ pub struct Step {
     pub snapshot_commit: Option<String>,
 }
 
-/// What exists of a task in the engine.
-#[derive(Debug, Default, Clone)]
-pub struct Leftovers {
-    pub containers: Vec<FoundContainer>,
-    pub networks: Vec<FoundNetwork>,
-    /// Named volumes made for the task (a compose file's), by name.
-    pub volumes: Vec<String>,
+/// A teardown step that failed: what it says (naming the task and what is involved, as shown to the
+/// user), and the error underneath it, kept for its chain of causes.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    message: String,
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
 
-impl Leftovers {
-    pub fn is_empty(&self) -> bool {
-        self.containers.is_empty() && self.networks.is_empty() && self.volumes.is_empty()
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
     }
+}
 
-    /// The task's containers and networks, by their labels: the task's, and the pool slot's it
-    /// was made from.
-    pub async fn find(
-        runtime: &dyn Runtime,
-        repo_id: &str,
-        task: &TaskName,
-        pool_slot: Option<&str>,
-    ) -> Result<Self, crate::runtime::RuntimeError> {
-        let mut found = Self::find_labelled(
-            runtime,
-            &[
-                format!("{REPO_LABEL}={repo_id}"),
-                format!("{TASK_LABEL}={task}"),
-            ],
-        )
-        .await?;
-        if let Some(slot) = pool_slot {
-            let pooled = Self::find_labelled(
-                runtime,
-                &[
-                    format!("{REPO_LABEL}={repo_id}"),
-                    format!("{}={slot}", crate::pool::POOL_LABEL),
-                ],
-            )
-            .await?;
-            found.containers.extend(pooled.containers);
-            found.networks.extend(pooled.networks);
-            found.volumes.extend(pooled.volumes);
+impl std::error::Error for Problem {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // The error itself, not the `Arc` around it, so that callers can downcast to it.
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+impl Problem {
+    /// A problem that is its own cause.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            source: None,
         }
-        Ok(found)
     }
 
-    async fn find_labelled(
-        runtime: &dyn Runtime,
-        labels: &[String],
-    ) -> Result<Self, crate::runtime::RuntimeError> {
-        let (containers, networks, volumes) = tokio::join!(
-            runtime.find_containers(labels),
-            runtime.find_networks(labels),
-            runtime.find_volumes(labels)
-        );
-        Ok(Self {
-            containers: containers?,
-            networks: networks?,
-            volumes: volumes?,
-        })
+    /// `message` says what `source` means for the task (and includes its text).
+    pub fn because(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            message: message.into(),
+            source: Some(Arc::new(source)),
+        }
+    }
+
+    /// The error says it all.
+    pub fn of(source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::because(source.to_string(), source)
+    }
+}
+
+/// The problems of one teardown as one error: their messages joined, the first of them (and its
+/// chain) as the cause.
+#[derive(Debug, Clone)]
+pub struct Problems(pub Vec<Problem>);
+
+impl std::fmt::Display for Problems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, problem) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Problems {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0
+            .first()
+            .map(|p| p as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -205,69 +223,11 @@ pub struct Report {
     pub exit: Option<Exit>,
     /// What went wrong and stopped the teardown short; nothing was discarded because of it, and the
     /// next teardown tries again.
-    pub problems: Vec<String>,
+    pub problems: Vec<Problem>,
     /// What went wrong without stopping the teardown (an import refused: its git dir is kept).
-    pub notices: Vec<String>,
+    pub notices: Vec<Problem>,
     /// With [`Options::defer_deletion`]: the manifest of what is left to delete.
     pub trash: Option<PathBuf>,
-}
-
-type StepResult = (StepKind, String, Result<Option<String>, String>);
-
-/// Removes the task's containers (or, keeping, leaves them stopped) and then its network; returns
-/// the steps for the caller to report.
-async fn removal(
-    runtime: &dyn Runtime,
-    leftovers: &Leftovers,
-    keep: bool,
-    dry_run: bool,
-) -> Vec<StepResult> {
-    let mut steps = Vec::new();
-    if keep {
-        return steps;
-    }
-    let removed = futures::future::join_all(leftovers.containers.iter().map(|c| async move {
-        let result = if dry_run {
-            Ok(None)
-        } else {
-            runtime
-                .remove_container(&c.id)
-                .await
-                .map(|()| None)
-                .map_err(|e| e.to_string())
-        };
-        (StepKind::RemoveContainer, c.name.clone(), result)
-    }))
-    .await;
-    let containers_gone = removed.iter().all(|(_, _, r)| r.is_ok());
-    steps.extend(removed);
-    if containers_gone {
-        for network in &leftovers.networks {
-            let result = if dry_run {
-                Ok(None)
-            } else {
-                runtime
-                    .remove_network(&network.id)
-                    .await
-                    .map(|()| None)
-                    .map_err(|e| e.to_string())
-            };
-            steps.push((StepKind::RemoveNetwork, network.name.clone(), result));
-        }
-        for volume in &leftovers.volumes {
-            let result = if dry_run {
-                Ok(None)
-            } else {
-                runtime
-                    .remove_volume(volume)
-                    .await
-                    .map(|()| None)
-                    .map_err(|e| e.to_string())
-            };
-            steps.push((StepKind::RemoveVolume, volume.clone(), result));
-        }
-    }
-    steps
 }
 
 /// Tears the task of `record` down (see the module documentation), calling `report` with each step
@@ -310,7 +270,7 @@ impl Run<'_> {
         &mut self,
         action: StepKind,
         target: impl Into<String>,
-        result: Result<Option<String>, String>,
+        result: Result<Option<String>, Problem>,
     ) -> bool {
         if let Err(error) = &result {
             self.out.problems.push(error.clone());
@@ -319,7 +279,7 @@ impl Run<'_> {
     }
 
     /// A step that failed without stopping the teardown.
-    fn notice(&mut self, action: StepKind, target: impl Into<String>, error: String) {
+    fn notice(&mut self, action: StepKind, target: impl Into<String>, error: Problem) {
         self.out.notices.push(error.clone());
         self.report_step(action, target, Err(error));
     }
@@ -328,12 +288,12 @@ impl Run<'_> {
         &mut self,
         action: StepKind,
         target: impl Into<String>,
-        result: Result<Option<String>, String>,
+        result: Result<Option<String>, Problem>,
     ) -> bool {
         let ok = result.is_ok();
         let (snapshot_commit, error) = match result {
             Ok(commit) => (commit, None),
-            Err(e) => (None, Some(e)),
+            Err(e) => (None, Some(e.to_string())),
         };
         let step = Step {
             action,
@@ -359,7 +319,7 @@ impl Run<'_> {
                 self.step(
                     StepKind::MarkRecord,
                     record.state.as_str(),
-                    Err(e.to_string()),
+                    Err(Problem::of(e)),
                 );
                 false
             }
@@ -393,7 +353,7 @@ impl Run<'_> {
                 self.step(
                     StepKind::RemoveWorktree,
                     dirs.worktree.display().to_string(),
-                    Err(why),
+                    Err(Problem::new(why)),
                 );
             }
             return;
@@ -416,7 +376,7 @@ impl Run<'_> {
         if !manifest.is_empty() {
             match crate::trash::write_manifest(&self.ws.state, &manifest) {
                 Ok(path) => self.out.trash = Some(path),
-                Err(e) => all_ok &= self.step(StepKind::RemoveWorktree, "", Err(e.to_string())),
+                Err(e) => all_ok &= self.step(StepKind::RemoveWorktree, "", Err(Problem::of(e))),
             }
         }
 
@@ -428,210 +388,6 @@ impl Run<'_> {
         if all_ok {
             self.mark(record, died).await;
         }
-    }
-
-    /// Stops the task's containers that still run, and learns how the task's command ended when it
-    /// ended while nobody waited for it. Returns whether none runs any more.
-    async fn stop_running(&mut self, record: &TaskRecord, containers: &[FoundContainer]) -> bool {
-        let dry_run = self.options.dry_run;
-        let mut all_stopped = true;
-        for container in containers {
-            if container.running {
-                let result = if dry_run {
-                    Ok(None)
-                } else {
-                    self.runtime
-                        .stop(&container.id, self.options.stop_timeout)
-                        .await
-                        .map(|()| None)
-                        .map_err(|e| e.to_string())
-                };
-                all_stopped &= self.step(StepKind::StopContainer, &container.name, result);
-            } else if !dry_run
-                && record.exit_code.is_none()
-                && (record.container_name == container.name
-                    || record.container_id.as_deref() == Some(&container.id))
-            {
-                // The command ended while nobody waited for it: its exit is the task's result. A
-                // failure to read it loses only that number.
-                self.out.exit = self
-                    .runtime
-                    .exit_if_ended(&container.id)
-                    .await
-                    .ok()
-                    .flatten();
-            }
-        }
-        all_stopped
-    }
-
-    /// Imports the task's commits, commits what the worktree holds uncommitted, and removes the
-    /// worktree and the git dirs unless something there must be kept. Returns whether all went
-    /// well.
-    async fn keep_work(&mut self, record: &mut TaskRecord, dirs: &TaskDirs) -> bool {
-        let mut all_ok = true;
-        // A refused import keeps the task's git dir (and the worktree) for the user to look at;
-        // it is reported, but the teardown goes on to keep the worktree's files safe.
-        let imported = self.import(dirs).await;
-        let mut keep_dirs = self.options.keep || (!imported && !self.options.discard_unsaved);
-        if record.state.can_snapshot() && !self.options.keep {
-            all_ok &= self.snapshot(record, dirs).await;
-            if !self.out.left_out.is_empty() && !self.options.discard_unsaved {
-                keep_dirs = true;
-            }
-        }
-        let exists = dirs.worktree.exists() || dirs.git_dir.exists() || dirs.scratch.exists();
-        if !keep_dirs && all_ok && exists {
-            all_ok &= self.remove(record, dirs).await;
-        } else if keep_dirs && dirs.worktree.exists() {
-            self.out.kept_worktree = Some(dirs.worktree.clone());
-        }
-        all_ok
-    }
-
-    /// Brings the task's branch into the repository. Returns whether that worked (or there was no
-    /// git dir to import from).
-    async fn import(&mut self, dirs: &TaskDirs) -> bool {
-        if !dirs.git_dir.exists() {
-            return true;
-        }
-        if self.options.dry_run {
-            let pending = dirs.read_task_tip().ok().flatten().is_some_and(|tip| {
-                self.ws.repo.branch_tip(&dirs.branch).ok().flatten() != Some(tip)
-            });
-            if pending {
-                self.step(StepKind::ImportBranch, &dirs.branch, Ok(None));
-            }
-            return true;
-        }
-        let imported = async {
-            let branch = import::import(&self.ws.repo, dirs, self.task.as_str()).await?;
-            let rest = import::import_the_rest(&self.ws.repo, dirs, self.task.as_str()).await?;
-            Ok::<_, GitError>((branch, rest))
-        };
-        match imported.await {
-            Ok((Imported::Unchanged, rest)) if rest.is_empty() => true,
-            Ok((imported, rest)) => {
-                self.out.import = Some(imported);
-                self.out.kept_refs = rest;
-                self.step(StepKind::ImportBranch, &dirs.branch, Ok(None))
-            }
-            Err(e) => {
-                let why = if self.options.discard_unsaved {
-                    format!(
-                        "{e}; the commits the task made since the last import are discarded with {}",
-                        dirs.git_dir.display()
-                    )
-                } else {
-                    format!(
-                        "{e}; the commits the task made since the last import stay in {} and its worktree stays at {}",
-                        dirs.git_dir.display(),
-                        dirs.worktree.display()
-                    )
-                };
-                self.notice(StepKind::ImportBranch, &dirs.branch, why);
-                false
-            }
-        }
-    }
-
-    /// Commits what the worktree holds uncommitted. Returns whether that worked (or there was no
-    /// worktree, or no finished checkout, to commit from).
-    async fn snapshot(&mut self, record: &TaskRecord, dirs: &TaskDirs) -> bool {
-        if !dirs.worktree.is_dir() || dirs.start_commit().is_none() || self.options.dry_run {
-            return true;
-        }
-        let ended = match (record.exit_code, self.out.exit) {
-            (Some(code), _) | (None, Some(Exit { code, .. })) => format!("exited {code}"),
-            (None, None) => "ended".to_owned(),
-        };
-        let body = match self.options.ending {
-            Ending::Exited => format!(
-                "Task {} {ended} and left these changes uncommitted; agentbox committed them so that nothing it wrote is lost.",
-                self.task
-            ),
-            _ => format!(
-                "The supervisor of task {} died and left these changes uncommitted; {} committed them so that nothing the task wrote is lost.",
-                self.task, self.options.by
-            ),
-        };
-        let staging = Staging {
-            own_files: &record.own_files,
-            max_file_size: self.options.max_file_size,
-        };
-        match snapshot::snapshot(
-            &self.ws.repo,
-            dirs,
-            self.task.as_str(),
-            &body,
-            &self.options.identity,
-            &staging,
-        )
-        .await
-        {
-            Ok(snapshot) => {
-                self.out.snapshot_commit = snapshot.commit;
-                self.out.left_out = snapshot.left_out;
-                true
-            }
-            Err(e) => {
-                let why = format!(
-                    "cannot commit the uncommitted work in worktree {} of task {}: {e}; the worktree stays",
-                    dirs.worktree.display(),
-                    self.task
-                );
-                self.step(
-                    StepKind::RemoveWorktree,
-                    dirs.worktree.display().to_string(),
-                    Err(why),
-                );
-                false
-            }
-        }
-    }
-
-    /// Marks the record `removing-worktree`, then removes the worktree and the git dirs.
-    async fn remove(&mut self, record: &mut TaskRecord, dirs: &TaskDirs) -> bool {
-        let target = dirs.worktree.display().to_string();
-        if self.options.dry_run {
-            return self.step(StepKind::RemoveWorktree, target, Ok(None));
-        }
-        let snapshot = self.out.snapshot_commit.clone();
-        if record.state.is_active() {
-            record.state = TaskState::RemovingWorktree;
-        }
-        record.snapshot_commit = snapshot.clone().or(record.snapshot_commit.take());
-        if !self.save(record).await {
-            return false;
-        }
-        let (owned, state, defer) = (
-            dirs.clone(),
-            self.ws.state.clone(),
-            self.options.defer_deletion,
-        );
-        let removed = tokio::task::spawn_blocking(move || {
-            if defer {
-                crate::trash::move_aside(&owned, &state).map_err(|e| e.to_string())
-            } else {
-                owned
-                    .remove()
-                    .map(|()| Vec::new())
-                    .map_err(|e| e.to_string())
-            }
-        })
-        .await
-        .expect("removing a directory does not panic");
-        let result = match removed {
-            Ok(moved) => {
-                self.deferred.paths.extend(moved);
-                Ok(snapshot.clone())
-            }
-            Err(e) => Err(match &snapshot {
-                Some(commit) => format!("{e} (its work is safe in commit {commit})"),
-                None => e,
-            }),
-        };
-        self.step(StepKind::RemoveWorktree, target, result)
     }
 
     async fn release_ports(&mut self) -> bool {
@@ -660,7 +416,7 @@ impl Run<'_> {
                     .join(",");
                 self.step(StepKind::ReleasePorts, target, Ok(None))
             }
-            Err(e) => self.step(StepKind::ReleasePorts, "", Err(e.to_string())),
+            Err(e) => self.step(StepKind::ReleasePorts, "", Err(Problem::of(e))),
         }
     }
 
@@ -703,7 +459,8 @@ impl Run<'_> {
         }
         record.left_out = self.out.left_out.clone();
         if !self.out.notices.is_empty() {
-            record.error = Some(self.out.notices.join("; "));
+            let notices: Vec<String> = self.out.notices.iter().map(Problem::to_string).collect();
+            record.error = Some(notices.join("; "));
         }
         let changed = new_state != record.state || died.is_some() || !self.out.steps.is_empty();
         if !changed {
@@ -721,7 +478,7 @@ impl Run<'_> {
                 .save(record)
                 .await
                 .map(|()| None)
-                .map_err(|e| e.to_string())
+                .map_err(Problem::of)
         };
         self.step(StepKind::MarkRecord, new_state.as_str(), result);
     }
