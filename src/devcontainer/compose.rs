@@ -771,7 +771,8 @@ fn interpolate(text: &str, host_env: &BTreeMap<String, String>) -> Result<String
                 };
                 let value = host_env.get(name).filter(|v| !(empty_too && v.is_empty()));
                 out.push_str(value.map(String::as_str).or(default).unwrap_or(""));
-                for _ in 0..end + 1 {
+                // `{`, the name and `}`.
+                for _ in 0..end + 2 {
                     chars.next();
                 }
             }
