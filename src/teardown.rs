@@ -9,7 +9,9 @@
 //!    grace period, SIGKILL), so that nothing writes into the worktree any more. If one cannot be
 //!    stopped, nothing below touches the worktree.
 //! 2. **Containers and network** are removed (with `keep` they stay, stopped) *while* steps 3-5
-//!    keep the work: nothing of the task runs any more.
+//!    keep the work: nothing of the task runs any more. With deferred deletion, the stopped
+//!    containers of a task without a network of its own are only renamed out of the way and left to
+//!    the purge with the directories, so that their removal does not keep the result waiting.
 //! 3. **Import**: the task's branch is brought from its own git dir into the repository
 //!    ([`git::import`](crate::git::import)), validated, never losing a tip.
 //! 4. **Snapshot**: whatever the worktree holds uncommitted becomes one commit on the branch. Not for
@@ -177,9 +179,10 @@ pub struct Options {
     /// Remove the worktree and the task's git dir even when files were too large for the snapshot
     /// or the import refused the git dir (`agentbox rm`: the user has seen the message and decided).
     pub discard_unsaved: bool,
-    /// Leave the deletion of the worktree and the git dirs to [`crate::trash::purge`]: they are
-    /// renamed out of the way and listed in a manifest ([`Report::trash`]), and the teardown
-    /// returns as soon as the work is safe, however many files they hold.
+    /// Leave the deletion of the worktree and the git dirs, and of the stopped containers of a task
+    /// without a network of its own, to [`crate::trash::purge`]: they are renamed out of the way
+    /// and listed in a manifest ([`Report::trash`]), and the teardown returns as soon as the work
+    /// is safe, however many files they hold.
     pub defer_deletion: bool,
 }
 
@@ -251,6 +254,31 @@ async fn removal(
     steps
 }
 
+/// Gives the task's stopped containers names of the trash's, so that a new run of the task can
+/// take their names at once while [`crate::trash::purge`] removes them later; one that cannot be
+/// renamed is removed here (one that is gone already counts as removed). Returns the steps of
+/// those removals.
+async fn set_aside(runtime: &dyn Runtime, leftovers: &Leftovers) -> Vec<StepResult> {
+    let renamed = futures::future::join_all(leftovers.containers.iter().enumerate().map(
+        |(i, c)| async move {
+            let aside = crate::trash::aside_name(&c.name, i);
+            match runtime.rename_container(&c.id, &aside).await {
+                Ok(()) => None,
+                Err(_) => {
+                    let result = runtime
+                        .remove_container(&c.id)
+                        .await
+                        .map(|()| None)
+                        .map_err(|e| e.to_string());
+                    Some((StepKind::RemoveContainer, c.name.clone(), result))
+                }
+            }
+        },
+    ))
+    .await;
+    renamed.into_iter().flatten().collect()
+}
+
 /// Tears the task of `record` down (see the module documentation), calling `report` with each step
 /// as it is taken. The caller proves with `claim` that it holds the task's lock.
 pub async fn tear_down(
@@ -269,7 +297,7 @@ pub async fn tear_down(
         report,
         out: Report::default(),
         task: record.name.clone(),
-        deferred: crate::trash::Manifest::default(),
+        deferred_containers: Vec::new(),
     };
     run.all(record, leftovers).await;
     run.out
@@ -282,11 +310,23 @@ struct Run<'a> {
     report: &'a mut (dyn FnMut(&Step) + Send),
     out: Report,
     task: TaskName,
-    /// Directories moved aside for the purge.
-    deferred: crate::trash::Manifest,
+    /// The stopped containers left to the purge, listed in the manifest of what the teardown
+    /// moves aside.
+    deferred_containers: Vec<String>,
 }
 
 impl Run<'_> {
+    /// Whether the task's stopped containers are left to the purge ([`Options::defer_deletion`]):
+    /// not when they are kept, and not when the task has a network of its own, which can go only
+    /// after them and whose name a new run of the task needs at once (a network cannot be renamed).
+    fn defers_containers(&self, leftovers: &Leftovers) -> bool {
+        self.options.defer_deletion
+            && !self.options.keep
+            && !self.options.dry_run
+            && leftovers.networks.is_empty()
+            && !leftovers.containers.is_empty()
+    }
+
     fn step(
         &mut self,
         action: StepKind,
@@ -379,28 +419,43 @@ impl Run<'_> {
             }
             return;
         }
-        // Nothing of the task runs any more: its containers and network are removed while its
-        // work is imported and committed.
-        let removal = removal(
-            self.runtime,
-            &leftovers,
-            self.options.keep,
-            self.options.dry_run,
-        );
+        // Nothing of the task runs any more: its containers and network are removed (or, deferred,
+        // set aside for the purge) while its work is imported and committed.
+        let defer = self.defers_containers(&leftovers);
+        if defer {
+            self.deferred_containers = leftovers.containers.iter().map(|c| c.id.clone()).collect();
+        }
+        let (runtime, keep, dry_run) = (self.runtime, self.options.keep, self.options.dry_run);
+        let containers = async {
+            if defer {
+                set_aside(runtime, &leftovers).await
+            } else {
+                removal(runtime, &leftovers, keep, dry_run).await
+            }
+        };
         let keep_work = self.keep_work(record, &dirs);
-        let (removed, mut all_ok) = tokio::join!(removal, keep_work);
+        let (removed, mut all_ok) = tokio::join!(containers, keep_work);
         for (action, target, result) in removed {
             all_ok &= self.step(action, target, result);
         }
-        let mut manifest = std::mem::take(&mut self.deferred);
-        manifest.task = self.task.to_string();
-        if !manifest.is_empty() {
+        if defer && self.out.trash.is_none() {
+            // No directory was moved aside (kept, or gone already): the containers get a
+            // manifest of their own; failing that, they are removed here and now.
+            let manifest = crate::trash::Manifest {
+                task: self.task.to_string(),
+                containers: std::mem::take(&mut self.deferred_containers),
+                ..Default::default()
+            };
             match crate::trash::write_manifest(&self.ws.state, &manifest) {
                 Ok(path) => self.out.trash = Some(path),
-                Err(e) => all_ok &= self.step(StepKind::RemoveWorktree, "", Err(e.to_string())),
+                Err(_) => {
+                    for (action, target, result) in removal(runtime, &leftovers, false, false).await
+                    {
+                        all_ok &= self.step(action, target, result);
+                    }
+                }
             }
         }
-
         // A port is free again only once no container of the task can listen on it (a kept
         // container is stopped).
         if self.options.release_ports {
@@ -590,21 +645,23 @@ impl Run<'_> {
             self.ws.state.clone(),
             self.options.defer_deletion,
         );
+        let manifest = crate::trash::Manifest {
+            task: self.task.to_string(),
+            containers: std::mem::take(&mut self.deferred_containers),
+            ..Default::default()
+        };
         let removed = tokio::task::spawn_blocking(move || {
             if defer {
-                crate::trash::move_aside(&owned, &state).map_err(|e| e.to_string())
+                crate::trash::move_aside(&owned, &state, manifest).map_err(|e| e.to_string())
             } else {
-                owned
-                    .remove()
-                    .map(|()| Vec::new())
-                    .map_err(|e| e.to_string())
+                owned.remove().map(|()| None).map_err(|e| e.to_string())
             }
         })
         .await
         .expect("removing a directory does not panic");
         let result = match removed {
-            Ok(moved) => {
-                self.deferred.paths.extend(moved);
+            Ok(trash) => {
+                self.out.trash = trash;
                 Ok(snapshot.clone())
             }
             Err(e) => Err(match &snapshot {
