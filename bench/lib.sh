@@ -195,10 +195,12 @@ bench_check_task() {
   ! git -C "$repo" worktree list --porcelain | grep -qx "worktree $wt" || problem "$task: git worktree list still shows it"
 }
 
-# bench_check_leftovers WHAT: no side may leave a container or network behind (untimed); each one is a
+# bench_check_leftovers WHAT: no side may leave a container or network behind (untimed), once agentbox's
+# background deletions (which remove a finished task's stopped container) are done; each one left is a
 # problem of WHAT and is removed, so that the next check sees only its own.
 bench_check_leftovers() {
   local c
+  bench_wait_purged
   c="$(docker ps -aq --filter "label=$label")"
   if [[ -n "$c" ]]; then
     problem "$1: container(s) left behind: $(echo "$c" | tr '\n' ' ')"
