@@ -4,7 +4,7 @@
 #
 #   bench/batch-vs-naive.sh [-n ROUNDS]
 #
-# For N = 1, 4 and 16 tasks (each task's command: `true`), in one run:
+# For N = 1, 4, 16 and 64 tasks (each task's command: `true`), in one run:
 #   A  agentbox batch <file of N tasks> --parallel N
 #   B  the same N tasks through the naive script, N-wide: `xargs -P N`, each item being
 #        flock L git worktree add -b agentbox/<task> <wt> HEAD &&
@@ -15,8 +15,9 @@
 #      `git worktree add`s at once lose a third of their tasks to "failed to read .../commondir",
 #      and a side that skips its containers is not a fair yardstick); agentbox takes turns the same
 #      way.
-# alternating A and B for each N, ROUNDS rounds (default 5) after one untimed warm-up of each side,
-# with fresh task names every time. Measures the wall-clock time of each batch and the peak RSS of
+# alternating A and B for each N, ROUNDS rounds (default 3) after one untimed warm-up of each side,
+# with fresh task names every time; before each batch (untimed) agentbox's background deletions of the
+# one before are done, so that they do not load the machine while the next batch is timed. Measures the wall-clock time of each batch and the peak RSS of
 # `agentbox batch` (`/usr/bin/time -f %M`, which reports the largest of the process and the children it
 # waited for; Debian's `time` package is installed when /usr/bin/time is missing).
 #
@@ -27,11 +28,8 @@
 #
 # Prints per-batch times on stderr; on stdout, per N, the median wall clock of each side, the ratio
 # agentbox/naive of the medians, agentbox's peak RSS (max over rounds) and the failures of each side;
-# last:
-#   ratio(N=1) = X.XX
-#   ratio(N=4) = X.XX
-#   ratio(N=16) = X.XX
-#   peak_rss_mib(N=16) = X.X
+# then peak_rss_mib(N=...) per N and, last,
+#   ratio(N=1) = X.XX   ...   ratio(N=64) = X.XX
 #
 # Environment: AGENTBOX   the binary (default target/release/agentbox, or $CARGO_TARGET_DIR/release/agentbox;
 #                         built with `cargo build --release` when missing)
@@ -42,9 +40,9 @@
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-sizes=(1 4 16)
+sizes=(1 4 16 64)
 
-bench_parse_n 5 ROUNDS "$@"
+bench_parse_n 3 ROUNDS "$@"
 rounds="$bench_n"
 bench_locate_agentbox
 
@@ -154,6 +152,7 @@ tidy_n warm-n 1 >/dev/null
 for ((r = 1; r <= rounds; r++)); do
   for n in "${sizes[@]}"; do
     name="a-r$r-n$n"
+    bench_wait_purged
     time_batch side_a "$name" "$n"
     ta="$bench_ns" rc="$bench_rc"
     check_a "$name" "$n" "$rc"
@@ -165,6 +164,7 @@ for ((r = 1; r <= rounds; r++)); do
     printf '%s a %s %s %s %s\n' "$n" "$ta" "$rc" "$failed_a" "$rss" >>"$tmp/times"
 
     name="n-r$r-n$n"
+    bench_wait_purged
     time_batch side_n "$name" "$n"
     tn="$bench_ns" rc="$bench_rc"
     failed_n="$(tidy_n "$name" "$n")"
@@ -177,14 +177,14 @@ done
 
 # --- summary ------------------------------------------------------------------------------------------
 echo "agentbox batch (N tasks, --parallel N)  vs  N x (git worktree add + docker run --rm + git worktree remove) via xargs -P N"
-echo "task command: true; image $image, engine $(bench_engine_version), $(nproc) cores; $rounds rounds alternating (A B per N), 1 warm-up each"
-bench_awk '
+echo "task command: true; image $image, engine $(bench_engine_version), $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg); $rounds rounds alternating (A B per N), 1 warm-up each"
+bench_awk -v sizes="${sizes[*]}" '
   $2 == "a" { n = $1; ca[n]++; a[n, ca[n]] = $3 / 1e6; if ($6 > rss[n]) rss[n] = $6; fa[n] += $5; if ($4 != 0) ba[n]++ }
   $2 == "n" { n = $1; cn[n]++; b[n, cn[n]] = $3 / 1e6; fn[n] += $5; if ($4 != 0) bn[n]++ }
   END {
-    split("1 4 16", sizes, " ")
-    for (i = 1; i <= 3; i++) {
-      n = sizes[i]
+    count = split(sizes, size, " ")
+    for (i = 1; i <= count; i++) {
+      n = size[i]
       delete va; delete vb
       for (j = 1; j <= ca[n]; j++) va[j] = a[n, j]
       for (j = 1; j <= cn[n]; j++) vb[j] = b[n, j]
@@ -192,8 +192,8 @@ bench_awk '
       printf "N=%-2d  agentbox: median %8.1f ms   naive: median %8.1f ms   ratio %.2f   agentbox peak RSS %.1f MiB\n", n, ma[n], mb[n], ma[n] / mb[n], rss[n] / 1024
       printf "      failures: agentbox %d of %d batches, %d of %d tasks; naive %d of %d batches, %d of %d tasks\n", ba[n] + 0, ca[n], fa[n] + 0, n * ca[n], bn[n] + 0, cn[n], fn[n] + 0, n * cn[n]
     }
-    for (i = 1; i <= 3; i++) { n = sizes[i]; printf "ratio(N=%d) = %.2f\n", n, ma[n] / mb[n] }
-    printf "peak_rss_mib(N=16) = %.1f\n", rss[16] / 1024
+    for (i = 1; i <= count; i++) { n = size[i]; printf "peak_rss_mib(N=%d) = %.1f\n", n, rss[n] / 1024 }
+    for (i = 1; i <= count; i++) { n = size[i]; printf "ratio(N=%d) = %.2f\n", n, ma[n] / mb[n] }
   }' "$tmp/times"
 
 bench_exit_on_problems

@@ -160,17 +160,18 @@ bench_cleanup() {
   rm -rf "$tmp"
 }
 
-# bench_time LOG CMD [ARG...]: runs CMD with its output into LOG; its wall time in ns into bench_ns and
-# its exit code into bench_rc. Only CMD stands between the two readings of the clock.
+# bench_time LOG CMD [ARG...]: runs CMD with its output into LOG; its wall time in ns into bench_ns, the
+# clock (ns since the epoch) when it started into bench_t0 and its exit code into bench_rc. Only CMD
+# stands between the two readings of the clock.
 bench_time() {
-  local log="$1" t0 t1
+  local log="$1" t1
   shift
   bench_rc=0
-  t0="$(date +%s%N)"
+  bench_t0="$(date +%s%N)"
   "$@" >"$log" 2>&1 || bench_rc=$?
   t1="$(date +%s%N)"
   # shellcheck disable=SC2034 # read by the scripts
-  bench_ns=$((t1 - t0))
+  bench_ns=$((t1 - bench_t0))
 }
 
 # bench_time_side SIDE TASK: bench_time of `SIDE TASK`, logged to $tmp/TASK.out; a failed side aborts the
@@ -194,10 +195,12 @@ bench_check_task() {
   ! git -C "$repo" worktree list --porcelain | grep -qx "worktree $wt" || problem "$task: git worktree list still shows it"
 }
 
-# bench_check_leftovers WHAT: no side may leave a container or network behind (untimed); each one is a
+# bench_check_leftovers WHAT: no side may leave a container or network behind (untimed), once agentbox's
+# background deletions (which remove a finished task's stopped container) are done; each one left is a
 # problem of WHAT and is removed, so that the next check sees only its own.
 bench_check_leftovers() {
   local c
+  bench_wait_purged
   c="$(docker ps -aq --filter "label=$label")"
   if [[ -n "$c" ]]; then
     problem "$1: container(s) left behind: $(echo "$c" | tr '\n' ' ')"
@@ -214,15 +217,72 @@ bench_check_leftovers() {
   fi
 }
 
-# bench_awk PROGRAM [FILE...]: awk with median(V, M) defined, the median of V[1..M] (insertion sort: M
-# is a few dozen at most), so that every summary computes it the same way.
+# bench_awk [-v VAR=VALUE]... PROGRAM [FILE...]: awk with median(V, M) defined, the median of V[1..M]
+# (insertion sort: M is a few dozen at most), so that every summary computes it the same way.
 bench_awk() {
-  local program="$1"
+  local vars=() program
+  while [[ "$1" == -v ]]; do
+    vars+=(-v "$2")
+    shift 2
+  done
+  program="$1"
   shift
-  awk '
+  awk "${vars[@]}" '
   function median(v, m,   s, j, k, t) {
     for (j = 1; j <= m; j++) s[j] = v[j]
     for (j = 2; j <= m; j++) { t = s[j]; for (k = j - 1; k >= 1 && s[k] > t; k--) s[k + 1] = s[k]; s[k + 1] = t }
     return (m % 2) ? s[(m + 1) / 2] : (s[m / 2] + s[m / 2 + 1]) / 2
   }'"$program" "$@"
+}
+
+# bench_make_files DIR COUNT: COUNT small files of distinct contents under DIR, 100 to a directory
+# (d00001/f000 ...), the shape of a real source tree rather than one huge directory.
+bench_make_files() {
+  local dir="$1" count="$2" d=0 left="$2" now
+  while ((left > 0)); do
+    now=$((left < 100 ? left : 100))
+    d=$((d + 1))
+    mkdir -p "$dir/$(printf 'd%05d' "$d")"
+    seq "$(((d - 1) * 100 + 1))" "$(((d - 1) * 100 + now))" | split -l 1 -a 3 -d - "$dir/$(printf 'd%05d' "$d")/f"
+    left=$((left - now))
+  done
+}
+
+# bench_make_sized_repo DIR FILES [AGENTBOX_TOML]: bench_make_repo's project with files added until it
+# tracks about FILES files, in one more commit.
+bench_make_sized_repo() {
+  bench_make_repo "$1" "${@:3}"
+  local extra=$(($2 - $(git -C "$1" ls-files | wc -l)))
+  if ((extra > 0)); then
+    bench_make_files "$1/tree" "$extra"
+    git -C "$1" add -A
+    git -C "$1" commit -q -m "bench: $2 files"
+  fi
+}
+
+# bench_wait_purged: waits (untimed, at most 10 minutes) until agentbox's background deletions are
+# done — no trash manifest left in the world's state dir — so that one side's deletion does not load
+# the disk while the next side is timed. A deletion that never finishes is a problem.
+bench_wait_purged() {
+  local i
+  for ((i = 0; i < 6000; i++)); do
+    compgen -G "$XDG_STATE_HOME/agentbox/*/trash/*.json" >/dev/null || return 0
+    sleep 0.1
+  done
+  problem "background deletion not finished after 10 minutes: $(echo "$XDG_STATE_HOME"/agentbox/*/trash/*.json)"
+}
+
+# bench_wait_pool_ready N: waits (untimed, at most 10 minutes) until the pool of the repository in the
+# current directory has N ready slots and none being made, so that a pooled side finds its slot and
+# no refill runs while anything is timed.
+bench_wait_pool_ready() {
+  local i status
+  for ((i = 0; i < 3000; i++)); do
+    status="$("$AGENTBOX" pool status --json 2>/dev/null || true)"
+    if (($(grep -c '"state":"ready"' <<<"$status") >= $1)) && ! grep -q '"state":"creating"' <<<"$status"; then
+      return 0
+    fi
+    sleep 0.2
+  done
+  problem "the pool did not get $1 ready slot(s) in 10 minutes: $status"
 }

@@ -127,6 +127,22 @@ fn uncommitted_changes_of_the_checkout_are_pointed_out_or_refused() {
 }
 
 #[test]
+fn a_finished_tasks_container_goes_in_the_background_and_frees_its_name_at_once() {
+    let env = TestEnv::new("first-aside");
+    env.output(["run", "again", "--keep-branch", "--", "true"])
+        .expect_code(0);
+    // At once, while the first run's stopped container may still wait for its purge.
+    env.output(["run", "again", "--keep-branch", "--", "true"])
+        .expect_code(0);
+    assert_eq!(
+        env.containers(),
+        Vec::<String>::new(),
+        "the purges removed both containers: {}",
+        env.container_report()
+    );
+}
+
+#[test]
 fn ignored_files_go_in_the_background_and_gc_finishes_a_cut_short_deletion() {
     let env = TestEnv::new("first-trash");
     let script = "mkdir -p node_modules && cd node_modules && \

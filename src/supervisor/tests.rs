@@ -825,6 +825,65 @@ async fn a_deferred_deletion_leaves_a_manifest_that_the_purge_finishes() {
 }
 
 #[tokio::test]
+async fn a_deferred_teardown_leaves_the_stopped_container_to_the_purge_under_another_name() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    plays_a_task(&fx, &fake, "t");
+    let mut request = fx.request("t");
+    // No services: no network of the task's own, which would have to go after the container.
+    request.services.clear();
+    request.defer_deletion = true;
+    let outcome = fx.run(&fake, request).await.unwrap();
+    let manifest = outcome.summary.trash.expect("there is something to purge");
+    let listed: crate::trash::Manifest =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(listed.containers.len(), 1, "{listed:?}");
+    assert_eq!(listed.paths.len(), 3, "{listed:?}");
+    assert!(
+        !fake
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("remove_container")),
+        "the result does not wait for the removal: {:?}",
+        fake.calls()
+    );
+    let task_container = fx.ws.container_name(&TaskName::parse("t").unwrap());
+    let left = fake.containers();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_ne!(
+        left[0], task_container,
+        "the name is free for the next run of t"
+    );
+    assert_eq!(
+        fx.file_at("agentbox/t", "wip.txt").as_deref(),
+        Some("uncommitted\n"),
+        "the work is safe"
+    );
+
+    crate::trash::purge(&fake, &manifest).await.unwrap();
+    assert_eq!(fake.containers(), Vec::<String>::new());
+    assert!(listed.paths.iter().all(|p| !p.exists()));
+    assert!(!manifest.exists());
+}
+
+#[tokio::test]
+async fn a_deferred_teardown_removes_a_container_it_cannot_rename() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    let mut request = fx.request("t");
+    request.services.clear();
+    request.defer_deletion = true;
+    fake.fail_on("rename_container");
+    let outcome = fx.run(&fake, request).await.unwrap();
+    assert_eq!(outcome.exit_code, 0);
+    assert_eq!(
+        fake.containers(),
+        Vec::<String>::new(),
+        "a container that keeps its name would be in the way of the next run"
+    );
+}
+
+#[tokio::test]
 async fn an_interactive_run_starts_only_once_its_client_opened_the_gate() {
     let fx = fixture();
     let fake = FakeRuntime::default();

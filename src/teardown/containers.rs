@@ -165,3 +165,28 @@ impl Run<'_> {
         all_stopped
     }
 }
+
+/// Gives the task's stopped containers names of the trash's, so that a new run of the task can
+/// take their names at once while [`crate::trash::purge`] removes them later; one that cannot be
+/// renamed is removed here (one that is gone already counts as removed). Returns the steps of
+/// those removals.
+pub(super) async fn set_aside(runtime: &dyn Runtime, leftovers: &Leftovers) -> Vec<StepResult> {
+    let renamed = futures::future::join_all(leftovers.containers.iter().enumerate().map(
+        |(i, c)| async move {
+            let aside = crate::trash::aside_name(&c.name, i);
+            match runtime.rename_container(&c.id, &aside).await {
+                Ok(()) => None,
+                Err(_) => {
+                    let result = runtime
+                        .remove_container(&c.id)
+                        .await
+                        .map(|()| None)
+                        .map_err(Problem::of);
+                    Some((StepKind::RemoveContainer, c.name.clone(), result))
+                }
+            }
+        },
+    ))
+    .await;
+    renamed.into_iter().flatten().collect()
+}

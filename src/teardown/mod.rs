@@ -9,7 +9,9 @@
 //!    grace period, SIGKILL), so that nothing writes into the worktree any more. If one cannot be
 //!    stopped, nothing below touches the worktree.
 //! 2. **Containers and network** are removed (with `keep` they stay, stopped) *while* steps 3-5
-//!    keep the work: nothing of the task runs any more.
+//!    keep the work: nothing of the task runs any more. With deferred deletion, the stopped
+//!    containers of a task without a network of its own are only renamed out of the way and left to
+//!    the purge with the directories, so that their removal does not keep the result waiting.
 //! 3. **Import**: the task's branch is brought from its own git dir into the repository
 //!    ([`git::import`](crate::git::import)), validated, never losing a tip.
 //! 4. **Snapshot**: whatever the worktree holds uncommitted becomes one commit on the branch. Not for
@@ -44,7 +46,7 @@ mod containers;
 mod work;
 
 pub use containers::Leftovers;
-use containers::removal;
+use containers::{removal, set_aside};
 
 /// Files larger than this are not put into a snapshot unless configured otherwise.
 pub const DEFAULT_MAX_SNAPSHOT_FILE: u64 = 100 << 20;
@@ -202,9 +204,10 @@ pub struct Options {
     /// Remove the worktree and the task's git dir even when files were too large for the snapshot
     /// or the import refused the git dir (`agentbox rm`: the user has seen the message and decided).
     pub discard_unsaved: bool,
-    /// Leave the deletion of the worktree and the git dirs to [`crate::trash::purge`]: they are
-    /// renamed out of the way and listed in a manifest ([`Report::trash`]), and the teardown
-    /// returns as soon as the work is safe, however many files they hold.
+    /// Leave the deletion of the worktree and the git dirs, and of the stopped containers of a task
+    /// without a network of its own, to [`crate::trash::purge`]: they are renamed out of the way
+    /// and listed in a manifest ([`Report::trash`]), and the teardown returns as soon as the work
+    /// is safe, however many files they hold.
     pub defer_deletion: bool,
 }
 
@@ -248,7 +251,7 @@ pub async fn tear_down(
         report,
         out: Report::default(),
         task: record.name.clone(),
-        deferred: crate::trash::Manifest::default(),
+        deferred_containers: Vec::new(),
     };
     run.all(record, leftovers).await;
     run.out
@@ -261,11 +264,24 @@ struct Run<'a> {
     report: &'a mut (dyn FnMut(&Step) + Send),
     out: Report,
     task: TaskName,
-    /// Directories moved aside for the purge.
-    deferred: crate::trash::Manifest,
+    /// The stopped containers left to the purge, listed in the manifest of what the teardown
+    /// moves aside.
+    deferred_containers: Vec<String>,
 }
 
 impl Run<'_> {
+    /// Whether the task's stopped containers are left to the purge ([`Options::defer_deletion`]):
+    /// not when they are kept, and not when the task has a network of its own, which can go only
+    /// after them and whose name a new run of the task needs at once (a network cannot be renamed).
+    fn defers_containers(&self, leftovers: &Leftovers) -> bool {
+        self.options.defer_deletion
+            && !self.options.keep
+            && !self.options.dry_run
+            && leftovers.networks.is_empty()
+            && leftovers.volumes.is_empty()
+            && !leftovers.containers.is_empty()
+    }
+
     fn step(
         &mut self,
         action: StepKind,
@@ -358,28 +374,43 @@ impl Run<'_> {
             }
             return;
         }
-        // Nothing of the task runs any more: its containers and network are removed while its
-        // work is imported and committed.
-        let removal = removal(
-            self.runtime,
-            &leftovers,
-            self.options.keep,
-            self.options.dry_run,
-        );
+        // Nothing of the task runs any more: its containers and network are removed (or, deferred,
+        // set aside for the purge) while its work is imported and committed.
+        let defer = self.defers_containers(&leftovers);
+        if defer {
+            self.deferred_containers = leftovers.containers.iter().map(|c| c.id.clone()).collect();
+        }
+        let (runtime, keep, dry_run) = (self.runtime, self.options.keep, self.options.dry_run);
+        let containers = async {
+            if defer {
+                set_aside(runtime, &leftovers).await
+            } else {
+                removal(runtime, &leftovers, keep, dry_run).await
+            }
+        };
         let keep_work = self.keep_work(record, &dirs);
-        let (removed, mut all_ok) = tokio::join!(removal, keep_work);
+        let (removed, mut all_ok) = tokio::join!(containers, keep_work);
         for (action, target, result) in removed {
             all_ok &= self.step(action, target, result);
         }
-        let mut manifest = std::mem::take(&mut self.deferred);
-        manifest.task = self.task.to_string();
-        if !manifest.is_empty() {
+        if defer && self.out.trash.is_none() {
+            // No directory was moved aside (kept, or gone already): the containers get a
+            // manifest of their own; failing that, they are removed here and now.
+            let manifest = crate::trash::Manifest {
+                task: self.task.to_string(),
+                containers: std::mem::take(&mut self.deferred_containers),
+                ..Default::default()
+            };
             match crate::trash::write_manifest(&self.ws.state, &manifest) {
                 Ok(path) => self.out.trash = Some(path),
-                Err(e) => all_ok &= self.step(StepKind::RemoveWorktree, "", Err(Problem::of(e))),
+                Err(_) => {
+                    for (action, target, result) in removal(runtime, &leftovers, false, false).await
+                    {
+                        all_ok &= self.step(action, target, result);
+                    }
+                }
             }
         }
-
         // A port is free again only once no container of the task can listen on it (a kept
         // container is stopped).
         if self.options.release_ports {

@@ -157,18 +157,23 @@ impl Run<'_> {
             self.ws.state.clone(),
             self.options.defer_deletion,
         );
+        let manifest = crate::trash::Manifest {
+            task: self.task.to_string(),
+            containers: std::mem::take(&mut self.deferred_containers),
+            ..Default::default()
+        };
         let removed = tokio::task::spawn_blocking(move || {
             if defer {
-                crate::trash::move_aside(&owned, &state).map_err(Problem::of)
+                crate::trash::move_aside(&owned, &state, manifest).map_err(Problem::of)
             } else {
-                owned.remove().map(|()| Vec::new()).map_err(Problem::of)
+                owned.remove().map(|()| None).map_err(Problem::of)
             }
         })
         .await
         .expect("removing a directory does not panic");
         let result = match removed {
-            Ok(moved) => {
-                self.deferred.paths.extend(moved);
+            Ok(trash) => {
+                self.out.trash = trash;
                 Ok(snapshot.clone())
             }
             Err(e) => Err(match &snapshot {

@@ -428,8 +428,14 @@ impl TestEnv {
 
     // ---- docker -----------------------------------------------------------------------------------
 
-    /// Ids of all containers (any state) labelled with this test's id.
+    /// Ids of all containers (any state) labelled with this test's id, once the background purges
+    /// of the tasks that ended are done (a finished task's stopped container goes with them).
     pub fn containers(&self) -> Vec<String> {
+        self.wait_for_purges();
+        self.labelled_containers()
+    }
+
+    fn labelled_containers(&self) -> Vec<String> {
         docker_lines(&[
             "ps",
             "-aq",
@@ -487,6 +493,21 @@ impl TestEnv {
     /// `$XDG_STATE_HOME/agentbox`.
     pub fn state_root(&self) -> PathBuf {
         self.state_home.join("agentbox")
+    }
+
+    /// Waits (within [`TIMEOUT`]) until no trash manifest is left in the state dir: the purges
+    /// that ended tasks started in the background are done. One that stays (a purge that failed)
+    /// is for the caller's assertions to report.
+    pub fn wait_for_purges(&self) {
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline
+            && self
+                .files_in_state_subdir("trash")
+                .iter()
+                .any(|p| p.extension().is_some_and(|e| e == "json"))
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Every task record, `$XDG_STATE_HOME/agentbox/*/tasks/*.json`.
@@ -688,7 +709,7 @@ impl TestEnv {
 impl Drop for TestEnv {
     fn drop(&mut self) {
         // Containers first: they hold bind mounts of paths inside the temp dir.
-        let ids = self.containers();
+        let ids = self.labelled_containers();
         if !ids.is_empty() {
             let _ = Command::new("docker")
                 .args(["rm", "-f", "-v"])
