@@ -132,7 +132,8 @@ bench_naive_paths() {
   uidgid="$(id -u):$(id -g)"
 }
 
-# bench_remove_labelled: removes the run's containers, then its networks (which those may hold), quietly.
+# bench_remove_labelled: removes the run's containers, then its networks and volumes (which those may
+# hold), quietly.
 bench_remove_labelled() {
   local ids
   ids="$(docker ps -aq --filter "label=$label" 2>/dev/null || true)"
@@ -144,6 +145,11 @@ bench_remove_labelled() {
   if [[ -n "$ids" ]]; then
     # shellcheck disable=SC2086 # one id per word
     docker network rm $ids >/dev/null 2>&1 || true
+  fi
+  ids="$(docker volume ls -q --filter "label=$label" 2>/dev/null || true)"
+  if [[ -n "$ids" ]]; then
+    # shellcheck disable=SC2086 # one id per word
+    docker volume rm $ids >/dev/null 2>&1 || true
   fi
 }
 
