@@ -415,3 +415,36 @@ fn a_service_that_never_gets_healthy_is_named_and_nothing_is_left() {
     out.expect_stderr_contains("services.app.privileged is not supported");
     env.assert_nothing_left("unknown");
 }
+
+#[test]
+fn dry_run_shows_the_resolved_environment_with_secrets_masked_and_creates_nothing() {
+    let env = TestEnv::new("dc-dry");
+    let json = format!(
+        r#"{{ "image": "{IMAGE}", "workspaceFolder": "/workspaces/app",
+  "containerEnv": {{ "PLAIN": "shown", "TOKEN": "${{localEnv:HOME}}" }},
+  "forwardPorts": [3000], "postCreateCommand": "make deps" }}"#
+    );
+    commit_files(&env, &[(".devcontainer/devcontainer.json", &json)]);
+    let out = env.output(["run", "dry", "--dry-run", "--", "make", "test"]);
+    out.expect_code(0);
+    for expected in [
+        &format!("image      {IMAGE}"),
+        "workdir    /workspaces/app",
+        "command    make test",
+        "PLAIN=shown",
+        "TOKEN=****",
+        "port_3000 3000",
+        "1. make deps",
+        &format!(
+            "{} -> /workspaces/app (rw)",
+            env.worktree_path("dry").display()
+        ),
+    ] {
+        assert!(out.stdout.contains(expected), "{expected:?} in\n{out}");
+    }
+    assert!(
+        !out.stdout.contains(env.home.to_str().unwrap()),
+        "a value from the host's environment is a secret\n{out}"
+    );
+    env.assert_nothing_left("dry");
+}
