@@ -387,7 +387,7 @@ impl ProjectConfig {
 }
 
 /// A port table: valid names, no port 0, no container port under two names.
-fn check_ports(ports: &IndexMap<String, u16>) -> Result<(), String> {
+pub fn check_ports(ports: &IndexMap<String, u16>) -> Result<(), String> {
     let mut seen: BTreeMap<u16, &str> = BTreeMap::new();
     for (name, port) in ports {
         check_port_name(name)?;

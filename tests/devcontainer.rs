@@ -422,6 +422,9 @@ fn dry_run_shows_the_resolved_environment_with_secrets_masked_and_creates_nothin
     let json = format!(
         r#"{{ "image": "{IMAGE}", "workspaceFolder": "/workspaces/app",
   "containerEnv": {{ "PLAIN": "shown", "TOKEN": "${{localEnv:HOME}}" }},
+  "remoteEnv": {{ "PATH": "${{containerEnv:PATH}}:/opt/bin" }},
+  "customizations": {{ "agentbox": {{ "setup": ["echo from-keys"], "env": {{ "FROM_KEYS": "${{task}}" }} }},
+                      "vscode": {{ "extensions": ["x.y"] }} }},
   "forwardPorts": [3000], "postCreateCommand": "make deps" }}"#
     );
     commit_files(&env, &[(".devcontainer/devcontainer.json", &json)]);
@@ -435,6 +438,9 @@ fn dry_run_shows_the_resolved_environment_with_secrets_masked_and_creates_nothin
         "TOKEN=****",
         "port_3000 3000",
         "1. make deps",
+        "2. echo from-keys",
+        "FROM_KEYS=dry",
+        "PATH=${PATH}:/opt/bin (in the container's shell)",
         &format!(
             "{} -> /workspaces/app (rw)",
             env.worktree_path("dry").display()

@@ -172,6 +172,9 @@ pub fn describe(ws: &Workspace, request: &RunRequest) -> Result<String, CommandE
     for (key, value) in &d.env {
         line(format!("  {key}={}", value.as_deref().unwrap_or("****")));
     }
+    for (key, value) in &d.shell_env {
+        line(format!("  {key}={value} (in the container's shell)"));
+    }
     for (heading, steps) in [
         (
             "on the host, in the worktree, before the start",

@@ -438,19 +438,39 @@ impl Resolved {
                 request.ports.insert(format!("port_{port}"), *port);
             }
         }
+        let keys = &self.agentbox;
         request.setup = self
             .setup
             .iter()
+            .chain(&keys.setup)
             .cloned()
             .chain(request.setup.drain(..))
             .collect();
+        for (key, template) in &keys.env {
+            if !request.env_templates.contains_key(key) {
+                request.env_templates.insert(key.clone(), template.clone());
+            }
+        }
+        for (name, port) in &keys.ports {
+            if !request.ports.contains_key(name) && !request.ports.values().any(|p| p == port) {
+                request.ports.insert(name.clone(), *port);
+            }
+        }
+        if config.copy.is_empty() {
+            request.copy = keys
+                .copy
+                .iter()
+                .filter_map(|c| crate::config::relative_inside(c).ok())
+                .collect();
+        }
         request.host_setup = self.host_setup.clone();
         request.privileges = self.privileges.clone();
         // The file's limits, then agentbox.toml's again over them.
+        request.apply_limits(&keys.limits);
         request.apply_limits(&self.limits);
         request.apply_limits(&config.limits);
         if config.network.is_none()
-            && let Some(network) = self.network
+            && let Some(network) = self.network.or(keys.network)
         {
             request.network = network;
         }

@@ -51,6 +51,25 @@ pub struct Resolved {
     pub network: Option<NetworkSetting>,
     /// What agentbox did differently from the file and says once.
     pub notes: Vec<String>,
+    /// `customizations.agentbox`: agentbox's own keys, under `agentbox.toml`'s.
+    pub agentbox: AgentboxKeys,
+}
+
+/// The keys of `agentbox.toml` that `customizations.agentbox` may hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentboxKeys {
+    #[serde(default)]
+    pub setup: Vec<String>,
+    #[serde(default)]
+    pub env: IndexMap<String, String>,
+    #[serde(default)]
+    pub ports: IndexMap<String, u16>,
+    #[serde(default)]
+    pub copy: Vec<String>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    pub network: Option<NetworkSetting>,
 }
 
 /// What the resolution depends on besides the file.
@@ -297,7 +316,10 @@ pub fn resolve(loaded: &Loaded, context: &ResolveContext) -> Result<Resolved, De
         .map(|u| plain(&vars, "remoteUser", u))
         .transpose()?;
     let form = form(loaded, &vars, &plain)?;
+    let agentbox =
+        agentbox_keys(file).map_err(|m| invalid(format!("customizations.agentbox: {m}")))?;
     Ok(Resolved {
+        agentbox,
         shown: loaded.shown.clone(),
         form,
         workspace_folder,
@@ -314,6 +336,24 @@ pub fn resolve(loaded: &Loaded, context: &ResolveContext) -> Result<Resolved, De
         network,
         notes,
     })
+}
+
+fn agentbox_keys(file: &DevContainerFile) -> Result<AgentboxKeys, String> {
+    let Some(value) = file.customizations.as_ref().and_then(|c| c.get("agentbox")) else {
+        return Ok(AgentboxKeys::default());
+    };
+    let keys: AgentboxKeys = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
+    crate::config::check_ports(&keys.ports)?;
+    for key in keys.env.keys() {
+        crate::config::check_env_key(key)?;
+    }
+    for copy in &keys.copy {
+        crate::config::relative_inside(copy)?;
+    }
+    if keys.network == Some(NetworkSetting::Host) {
+        return Err("network \"host\" is refused, as in agentbox.toml".into());
+    }
+    Ok(keys)
 }
 
 type Plain<'a> = dyn Fn(&Variables, &str, &str) -> Result<String, DevcontainerError> + 'a;

@@ -337,6 +337,8 @@ pub struct Description {
     pub mounts: Vec<DescribedMount>,
     pub ports: Vec<(String, u16)>,
     pub env: Vec<(String, Option<String>)>,
+    /// Set by the container's shell, with the container's own variables.
+    pub shell_env: Vec<(String, String)>,
     pub host_setup: Vec<String>,
     pub setup: Vec<String>,
     pub services: Vec<(String, String)>,
@@ -411,6 +413,7 @@ pub fn describe(ws: &Workspace, request: &RunRequest) -> Result<Description, sup
             }))
             .collect(),
         env: environment::masked(&env),
+        shell_env: request.shell_env.clone(),
         host_setup: request.host_setup.clone(),
         setup: sandbox.setup.clone(),
         services: sandbox

@@ -180,3 +180,25 @@ fn lifecycle_steps_run_in_order_and_the_environment_splits() {
         .contains("remoteEnv")
     );
 }
+
+#[test]
+fn agentbox_keys_in_customizations_are_checked_like_agentbox_toml() {
+    let resolved = ok(
+        r#"{"image": "i", "customizations": {"agentbox": {"setup": ["x"], "limits": {"memory": "1g"}}, "vscode": {"settings": {}}}}"#,
+    );
+    assert_eq!(resolved.agentbox.setup, ["x"]);
+    assert!(
+        refused(
+            r#"{"image": "i", "customizations": {"agentbox": {"imagee": "x"}}}"#,
+            true
+        )
+        .contains("imagee")
+    );
+    assert!(
+        refused(
+            r#"{"image": "i", "customizations": {"agentbox": {"network": "host"}}}"#,
+            true
+        )
+        .contains("refused")
+    );
+}
