@@ -133,7 +133,7 @@ bench_naive_paths() {
 }
 
 # bench_remove_labelled: removes the run's containers, then its networks and volumes (which those may
-# hold), quietly.
+# hold) and the images its tasks built, quietly.
 bench_remove_labelled() {
   local ids
   ids="$(docker ps -aq --filter "label=$label" 2>/dev/null || true)"
@@ -150,6 +150,12 @@ bench_remove_labelled() {
   if [[ -n "$ids" ]]; then
     # shellcheck disable=SC2086 # one id per word
     docker volume rm $ids >/dev/null 2>&1 || true
+  fi
+  # Images agentbox built for a devcontainer carry the labels of the task that built them.
+  ids="$(docker images -q --filter "label=$label" 2>/dev/null || true)"
+  if [[ -n "$ids" ]]; then
+    # shellcheck disable=SC2086 # one id per word
+    docker rmi -f $ids >/dev/null 2>&1 || true
   fi
 }
 
