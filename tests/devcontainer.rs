@@ -454,3 +454,39 @@ fn dry_run_shows_the_resolved_environment_with_secrets_masked_and_creates_nothin
     );
     env.assert_nothing_left("dry");
 }
+
+#[test]
+fn a_symlink_a_task_committed_where_a_bind_mount_starts_is_never_followed() {
+    let env = TestEnv::new("dc-link");
+    let json = format!(
+        r#"{{ "image": "{IMAGE}", "mounts": ["source=${{localWorkspaceFolder}}/data,target=/data,type=bind"] }}"#
+    );
+    commit_files(
+        &env,
+        &[
+            (".devcontainer/devcontainer.json", &json),
+            ("data/keep", "kept\n"),
+        ],
+    );
+    let secret = env.root.join("host-secret");
+    fs::create_dir(&secret).unwrap();
+    fs::write(secret.join("token"), "host only\n").unwrap();
+    // The first run mounts the repository's directory; the task replaces it with a link to the host.
+    let plant = format!(
+        "cat /data/keep && rm -rf data && ln -s {} data && git add -A && git commit -q -m plant",
+        secret.display()
+    );
+    let out = env.output(["run", "evil", "--", "sh", "-c", &plant]);
+    out.expect_code(0);
+    assert_eq!(out.stdout_lines(), ["kept"]);
+    // The next run continues the branch, whose checkout holds the link: refused, nothing made.
+    let again = env.output(["run", "evil", "--", "cat", "/data/token"]);
+    again.expect_code(125);
+    again.expect_stderr_contains("not a symlink");
+    assert!(!again.stdout.contains("host only"), "{again}");
+    assert!(!env.worktree_path("evil").exists());
+    assert_eq!(env.containers(), Vec::<String>::new());
+    // A task started from main still gets the repository's directory.
+    env.output(["run", "fresh", "--", "cat", "/data/keep"])
+        .expect_code(0);
+}

@@ -242,10 +242,12 @@ pub async fn prepare(
             let image = task.0.clone();
             resolved.apply(request, image.clone(), options);
             task.1.apply(request, options, &mut resolved);
+            check_worktree_sources(ws, request, &loaded, &worktree)?;
             return Ok(Some(resolved));
         }
     };
     resolved.apply(request, image, options);
+    check_worktree_sources(ws, request, &loaded, &worktree)?;
     Ok(Some(resolved))
 }
 
@@ -311,22 +313,6 @@ async fn compose_task(
             .iter()
             .map(|(source, target, read_only)| match source {
                 compose::BindSource::Worktree(inside) => {
-                    if !inside.is_empty() {
-                        // A link the base commit holds there would take the mount elsewhere.
-                        match ws.repo.entry_at(loaded.commit, inside) {
-                            Ok(Some((_, mode))) if !mode.is_link() => {}
-                            _ => {
-                                return Err(DevcontainerError::Invalid {
-                                    file: loaded.shown.clone(),
-                                    line: None,
-                                    message: format!(
-                                        "services.{}: the bind source {inside:?} must be a file or directory of the repository at the base commit (not a symlink)",
-                                        service.name
-                                    ),
-                                });
-                            }
-                        }
-                    }
                     Ok(crate::runtime::Mount {
                         source: context.worktree.join(inside).display().to_string(),
                         target: target.clone(),
@@ -405,6 +391,58 @@ async fn compose_task(
             notes,
         },
     ))
+}
+
+/// A bind source inside the task's worktree is a path the worktree is checked out with: from the
+/// base commit, or from the task's branch when the task continues it, where an earlier run of the
+/// task may have committed a symlink that the engine would follow on the host. Each must be a file
+/// or a directory at both (a symlinked parent directory is not found in the tree either).
+fn check_worktree_sources(
+    ws: &crate::Workspace,
+    request: &crate::RunRequest,
+    loaded: &Loaded,
+    worktree: &Path,
+) -> Result<(), DevcontainerError> {
+    let branch_tip = ws
+        .repo
+        .branch_tip(&request.task.branch())
+        .map_err(|source| DevcontainerError::Read {
+            file: request.task.branch(),
+            base: "the task's branch".into(),
+            source: Box::new(source),
+        })?;
+    let commits: Vec<gix::ObjectId> = std::iter::once(loaded.commit).chain(branch_tip).collect();
+    let service_mounts = request
+        .compose
+        .iter()
+        .flat_map(|c| c.services.iter().flat_map(|s| &s.mounts));
+    for mount in request.mounts.iter().chain(service_mounts) {
+        let Ok(inside) = Path::new(&mount.source).strip_prefix(worktree) else {
+            continue;
+        };
+        let Some(inside) = inside.to_str().filter(|i| !i.is_empty()) else {
+            continue;
+        };
+        for commit in &commits {
+            let plain =
+                matches!(ws.repo.entry_at(*commit, inside), Ok(Some((_, mode))) if !mode.is_link());
+            if !plain {
+                return Err(DevcontainerError::Invalid {
+                    file: loaded.shown.clone(),
+                    line: None,
+                    message: format!(
+                        "the bind source {inside:?} in the task's worktree must be a file or directory of the repository at {} (not a symlink, which would mount what it points to on the host)",
+                        if *commit == loaded.commit {
+                            "the base commit".to_owned()
+                        } else {
+                            format!("the tip of {}", request.task.branch())
+                        }
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `${devcontainerId}`: the same for every run of one task of one repository.
