@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{
-    EngineVersion, Exit, FoundContainer, FoundNetwork, Output, OutputStream, Runtime, RuntimeError,
-    Sandbox, SandboxPlan, StartError,
+    ContainerSpec, EngineVersion, Exit, FoundContainer, FoundNetwork, Output, OutputStream,
+    Runtime, RuntimeError, Sandbox, SandboxPlan, StartError,
 };
 
 /// What the task's "command" does when the container starts: it gets the container's name.
@@ -118,6 +118,22 @@ impl FakeRuntime {
     }
 }
 
+/// The engine refuses to create a container whose bind source does not exist.
+fn bind_sources_exist(container: &ContainerSpec) -> Result<(), RuntimeError> {
+    match container
+        .mounts
+        .iter()
+        .find(|mount| !std::path::Path::new(&mount.source).exists())
+    {
+        Some(missing) => Err(RuntimeError::Api {
+            action: "creating container",
+            target: container.name.clone(),
+            source: format!("bind source path does not exist: {}", missing.source).into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn matches(labels: &HashMap<String, String>, wanted: &[String]) -> bool {
     wanted.iter().all(|w| match w.split_once('=') {
         Some((key, value)) => labels.get(key).is_some_and(|v| v == value),
@@ -146,12 +162,14 @@ impl Runtime for FakeRuntime {
         }
         for service in &plan.services {
             self.call("create_service", &service.name)
+                .and_then(|()| bind_sources_exist(service))
                 .map_err(|e| (e, made.clone()))?;
             let id = self.add_container(&service.name, &service.labels);
             self.set_running(&id, true);
             made.services.push(id);
         }
         self.call("create_container", &plan.task.name)
+            .and_then(|()| bind_sources_exist(&plan.task))
             .map_err(|e| (e, made.clone()))?;
         made.container = Some(self.add_container(&plan.task.name, &plan.task.labels));
         Ok(made)

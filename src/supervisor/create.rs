@@ -56,8 +56,17 @@ impl Supervised<'_> {
             }
             Ok(())
         };
-        let sandbox = self.runtime.create_sandbox(plan);
-        let (checkout, sandbox) = tokio::join!(checkout, sandbox);
+        let (checkout, sandbox) = if mounts_from_inside(plan, &self.dirs.worktree) {
+            // The engine refuses a bind source that does not exist yet, and only the checkout
+            // makes the worktree's directories.
+            let checkout = checkout.await;
+            match checkout {
+                Ok(()) => (Ok(()), self.runtime.create_sandbox(plan).await),
+                Err(e) => (Err(e), Ok(Sandbox::default())),
+            }
+        } else {
+            tokio::join!(checkout, self.runtime.create_sandbox(plan))
+        };
         match (checkout, sandbox) {
             (Ok(()), Ok(sandbox)) => Ok(sandbox),
             (checkout, sandbox) => {
@@ -217,4 +226,16 @@ pub(super) fn fill_worktree(
     // long as the task does.
     environment::write_env_file(&worktree, &request.env_file_name, env)
         .map_err(|source| RunError::Worktree { task, source })
+}
+
+/// Whether a container of the plan bind-mounts a path below the worktree (not the worktree itself,
+/// which exists before the checkout starts).
+fn mounts_from_inside(plan: &SandboxPlan, worktree: &std::path::Path) -> bool {
+    std::iter::once(&plan.task)
+        .chain(&plan.services)
+        .flat_map(|container| &container.mounts)
+        .any(|mount| {
+            let source = std::path::Path::new(&mount.source);
+            source != worktree && source.starts_with(worktree)
+        })
 }

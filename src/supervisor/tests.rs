@@ -980,3 +980,21 @@ async fn a_long_lived_task_idles_instead_of_running_a_command() {
     assert!(record.idle);
     assert_eq!(record.command, super::IDLE_COMMAND);
 }
+
+#[tokio::test]
+async fn a_bind_mount_from_inside_the_worktree_waits_for_the_checkout() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    let name = TaskName::parse("m").unwrap();
+    let inside = fx.ws.worktree_path(&name).join("dir");
+    let mut request = fx.request("m");
+    request.mounts = vec![crate::runtime::Mount {
+        source: inside.display().to_string(),
+        target: "/dir".into(),
+        read_only: false,
+    }];
+    // The fake engine, like the real one, refuses a bind source that does not exist yet.
+    let outcome = fx.run(&fake, request).await.unwrap();
+    assert_eq!(outcome.exit_code, 0);
+    fx.assert_no_trace(&fake, "m");
+}
