@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::config::PortRange;
+use crate::runtime::host_paths::HostPaths;
 use crate::runtime::{Runtime, RuntimeError};
 
 /// The oldest engine API agentbox is tested with (Debian's docker.io 20.10).
@@ -85,6 +86,9 @@ pub struct Setup {
     pub image: String,
     /// The port range (`port_range` of agentbox.toml, or the default).
     pub port_range: PortRange,
+    /// The directories a task's container gets bind mounts from: the state dir and, in a
+    /// repository, its git dir and its tasks' worktrees.
+    pub mounted: Vec<PathBuf>,
 }
 
 /// Runs every check, in order, against the engine the caller connected to (or the error that
@@ -92,7 +96,10 @@ pub struct Setup {
 pub async fn run(setup: &Setup, runtime: Result<&dyn Runtime, &RuntimeError>) -> Vec<Check> {
     let mut checks = vec![socket(setup)];
     match runtime {
-        Ok(runtime) => checks.push(engine_version(setup, runtime).await),
+        Ok(runtime) => {
+            checks.push(engine_version(setup, runtime).await);
+            checks.push(paths(setup, &runtime.host_paths()));
+        }
         Err(e) => checks.push(Check::fail(
             "engine",
             e.to_string(),
@@ -107,6 +114,33 @@ pub async fn run(setup: &Setup, runtime: Result<&dyn Runtime, &RuntimeError>) ->
     checks.push(state_dir(&setup.state_home));
     checks.push(ports(setup));
     checks
+}
+
+/// Whether the engine can find what agentbox mounts into tasks: only a question when agentbox runs
+/// in a container of that engine.
+fn paths(setup: &Setup, host_paths: &HostPaths) -> Check {
+    let refused: Vec<String> = setup
+        .mounted
+        .iter()
+        .filter_map(|dir| host_paths.translate(&dir.display().to_string()).err())
+        .map(|e| e.to_string())
+        .collect();
+    match refused.first() {
+        None => Check::ok("paths", host_paths.describe()),
+        Some(first) => Check::fail(
+            "paths",
+            first.clone(),
+            format!(
+                "start agentbox's container with {} bind-mounted from the host (same path inside is simplest), or set XDG_STATE_HOME to a directory that is",
+                setup
+                    .mounted
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        ),
+    }
 }
 
 fn unreachable_fix(setup: &Setup, error: &str) -> String {
@@ -361,7 +395,28 @@ mod tests {
             state_home: state_home.to_owned(),
             image: "some/image:1".into(),
             port_range: PortRange::default(),
+            mounted: vec![state_home.to_owned()],
         }
+    }
+
+    #[test]
+    fn inside_a_container_a_state_dir_on_no_host_mount_fails_naming_it() {
+        let setup = setup(Path::new("/root/.local/state"));
+        assert_eq!(paths(&setup, &HostPaths::Same).status, Status::Ok);
+        let mounted = |inside: &str| HostPaths::Through {
+            container: "devbox".into(),
+            mounts: vec![crate::runtime::host_paths::MountedDir {
+                inside: inside.into(),
+                host: "/home/u".into(),
+            }],
+        };
+        let good = paths(&setup, &mounted("/root"));
+        assert_eq!(good.status, Status::Ok, "{good:?}");
+        assert!(good.detail.contains("devbox"), "{good:?}");
+        let bad = paths(&setup, &mounted("/workspaces"));
+        assert_eq!(bad.status, Status::Fail, "{bad:?}");
+        assert!(bad.detail.contains("/root/.local/state"), "{bad:?}");
+        assert!(bad.fix.unwrap().contains("/root/.local/state"));
     }
 
     #[tokio::test]

@@ -48,6 +48,8 @@ pub enum RuntimeError {
         state: String,
         message: String,
     },
+    #[error(transparent)]
+    Untranslatable(#[from] host_paths::Untranslatable),
     #[error("{action} {target} failed: {source}")]
     Api {
         action: &'static str,
@@ -504,6 +506,11 @@ pub trait Runtime: Send + Sync {
 
     /// Whether `image` is present locally (nothing is pulled).
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError>;
+
+    /// Where the engine finds the paths agentbox sees.
+    fn host_paths(&self) -> host_paths::HostPaths {
+        host_paths::HostPaths::Same
+    }
 }
 
 /// What an engine says of its own version.
@@ -587,6 +594,7 @@ fn shell_value(value: &str) -> String {
 
 #[cfg(test)]
 pub(crate) mod fake;
+pub mod host_paths;
 
 #[cfg(test)]
 mod tests {

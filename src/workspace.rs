@@ -68,6 +68,11 @@ impl Workspace {
         }
     }
 
+    /// The directory the tasks' worktrees go in.
+    pub fn worktree_root(&self) -> &Path {
+        &self.worktree_root
+    }
+
     /// Where the task's worktree goes: beside the repository, never inside the user's own working
     /// tree (where it would show up as untracked files).
     pub fn worktree_path(&self, task: &TaskName) -> PathBuf {

@@ -14,11 +14,15 @@ pub struct Args {
 
 pub async fn doctor(context: &Context, args: Args) -> Result<u8, CommandError> {
     // Inside a repository, its agentbox.toml says which image and ports; elsewhere, the defaults.
-    let config = context
-        .workspace()
-        .ok()
+    let workspace = context.workspace().ok();
+    let config = workspace
+        .as_ref()
         .and_then(|ws| ws.load_config().ok())
         .unwrap_or_default();
+    let mut mounted = vec![context.env.state_home.clone()];
+    if let Some(ws) = &workspace {
+        mounted.extend([ws.repo.common_dir.clone(), ws.worktree_root().to_owned()]);
+    }
     let (engine_address, default_engine_address) = context.engine_address();
     let setup = Setup {
         engine_address,
@@ -26,6 +30,7 @@ pub async fn doctor(context: &Context, args: Args) -> Result<u8, CommandError> {
         state_home: context.env.state_home.clone(),
         image: config.image.unwrap_or_else(|| DEFAULT_IMAGE.to_owned()),
         port_range: config.port_range.unwrap_or_default(),
+        mounted,
     };
     // An engine that cannot be reached is one of the findings, not an error of doctor's.
     let runtime = context.runtime().await;

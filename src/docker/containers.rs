@@ -12,6 +12,7 @@ use bollard::query_parameters::CreateContainerOptions;
 use futures::{Stream, StreamExt};
 
 use super::{DockerEngine, api, is_status};
+use crate::runtime::host_paths::HostPaths;
 use crate::runtime::{ContainerSpec, Network, Output, OutputStream, RuntimeError, StartError};
 
 /// Capabilities a coding task never needs; the rest of Docker's default set stays so that a task
@@ -36,7 +37,7 @@ impl DockerEngine {
         };
         match self
             .docker
-            .create_container(Some(options), create_body(spec))
+            .create_container(Some(options), create_body(spec, &self.host_paths)?)
             .await
         {
             Ok(created) => Ok(created.id),
@@ -70,7 +71,10 @@ impl DockerEngine {
     }
 }
 
-fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+fn create_body(
+    spec: &ContainerSpec,
+    host_paths: &HostPaths,
+) -> Result<ContainerCreateBody, RuntimeError> {
     let port_key = |container: u16| format!("{container}/tcp");
     let port_bindings = spec
         .ports
@@ -100,16 +104,21 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
         Network::Container(name) => (Some(format!("container:{name}")), None),
         Network::Default => (None, None),
     };
-    let mounts = spec
+    let binds = spec
         .mounts
         .iter()
-        .map(|m| EngineMount {
-            target: Some(m.target.clone()),
-            source: Some(m.source.clone()),
-            typ: Some(MountType::BIND),
-            read_only: Some(m.read_only),
-            ..Default::default()
+        .map(|m| {
+            Ok(EngineMount {
+                target: Some(m.target.clone()),
+                source: Some(host_paths.translate(&m.source)?),
+                typ: Some(MountType::BIND),
+                read_only: Some(m.read_only),
+                ..Default::default()
+            })
         })
+        .collect::<Result<Vec<_>, RuntimeError>>()?;
+    let mounts = binds
+        .into_iter()
         .chain(spec.volumes.iter().map(|v| EngineMount {
             target: Some(v.target.clone()),
             source: Some(v.volume.clone()),
@@ -131,7 +140,7 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             ..Default::default()
         });
     let limit = |value: Option<u64>| value.map(|v| i64::try_from(v).unwrap_or(i64::MAX));
-    ContainerCreateBody {
+    Ok(ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: spec.command.clone(),
         entrypoint: spec.entrypoint.clone(),
@@ -190,7 +199,7 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
             ..Default::default()
         }),
         ..Default::default()
-    }
+    })
 }
 
 /// The container's output as agentbox's [`Output`]. The init agentbox runs as PID 1 reports a command
@@ -403,7 +412,7 @@ mod tests {
             network: Network::None,
             ..ContainerSpec::default()
         };
-        let body = create_body(&spec);
+        let body = create_body(&spec, &HostPaths::Same).unwrap();
         let host = body.host_config.unwrap();
         assert_eq!(host.memory, Some(1 << 30));
         assert_eq!(host.memory_swap, Some(1 << 30));
@@ -413,6 +422,44 @@ mod tests {
         let mount = &host.mounts.unwrap()[0];
         assert_eq!(mount.source.as_deref(), Some("/a:b"));
         assert_eq!(mount.read_only, Some(true));
+    }
+
+    #[test]
+    fn inside_a_container_a_bind_source_is_the_hosts_path_and_its_target_agentboxs() {
+        let spec = ContainerSpec {
+            mounts: vec![crate::runtime::Mount::same_path(
+                std::path::Path::new("/workspaces/wt/t"),
+                false,
+            )],
+            ..ContainerSpec::default()
+        };
+        let paths = HostPaths::Through {
+            container: "devbox".into(),
+            mounts: vec![crate::runtime::host_paths::MountedDir {
+                inside: "/workspaces".into(),
+                host: "/home/u/src".into(),
+            }],
+        };
+        let mounts = create_body(&spec, &paths)
+            .unwrap()
+            .host_config
+            .unwrap()
+            .mounts
+            .unwrap();
+        assert_eq!(mounts[0].source.as_deref(), Some("/home/u/src/wt/t"));
+        assert_eq!(mounts[0].target.as_deref(), Some("/workspaces/wt/t"));
+        let outside = ContainerSpec {
+            mounts: vec![crate::runtime::Mount::same_path(
+                std::path::Path::new("/root/.local/state/x"),
+                false,
+            )],
+            ..ContainerSpec::default()
+        };
+        let refused = create_body(&outside, &paths).unwrap_err();
+        assert!(
+            matches!(refused, RuntimeError::Untranslatable(_)),
+            "{refused}"
+        );
     }
 }
 
@@ -473,7 +520,7 @@ mod terminal_tests {
             console_size: Some((40, 120)),
             ..ContainerSpec::default()
         };
-        let body = create_body(&tty);
+        let body = create_body(&tty, &HostPaths::Same).unwrap();
         assert_eq!(body.tty, Some(true));
         assert_eq!(body.open_stdin, Some(true));
         assert_eq!(body.stdin_once, Some(false));
@@ -482,10 +529,12 @@ mod terminal_tests {
             stdin: true,
             ..ContainerSpec::default()
         };
-        let body = create_body(&piped);
+        let body = create_body(&piped, &HostPaths::Same).unwrap();
         assert_eq!(body.stdin_once, Some(true));
         assert_eq!(
-            create_body(&ContainerSpec::default()).open_stdin,
+            create_body(&ContainerSpec::default(), &HostPaths::Same)
+                .unwrap()
+                .open_stdin,
             Some(false)
         );
     }

@@ -2,6 +2,7 @@
 //! module that names bollard.
 
 mod containers;
+mod host_paths;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,6 +34,7 @@ const REQUEST_TIMEOUT_SECS: u64 = 600;
 pub struct DockerEngine {
     docker: Docker,
     address: String,
+    host_paths: crate::runtime::host_paths::HostPaths,
 }
 
 fn api<'a>(
@@ -71,7 +73,12 @@ impl DockerEngine {
             .negotiate_version()
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        Ok(Self { docker, address })
+        let host_paths = host_paths::discover(&docker).await?;
+        Ok(Self {
+            docker,
+            address,
+            host_paths,
+        })
     }
 
     /// Makes sure `image` is present, pulling it when a registry can be reached, and returns what it
@@ -309,13 +316,7 @@ impl DockerEngine {
         let count = found.len();
         let earliest = found
             .into_iter()
-            .filter_map(|n| {
-                let created = n
-                    .created
-                    .as_deref()
-                    .and_then(|c| humantime::parse_rfc3339_weak(c).ok());
-                Some((created, n.id?, n.name?))
-            })
+            .filter_map(|n| Some((n.created, n.id?, n.name?)))
             .min();
         Ok(earliest.map(|(_, _, name)| (name, count)))
     }
@@ -856,6 +857,10 @@ impl Runtime for DockerEngine {
             api: version.api_version.unwrap_or_else(|| "?".into()),
             agreed: self.docker.client_version().to_string(),
         })
+    }
+
+    fn host_paths(&self) -> crate::runtime::host_paths::HostPaths {
+        self.host_paths.clone()
     }
 
     async fn image_present(&self, image: &str) -> Result<bool, RuntimeError> {
