@@ -17,6 +17,12 @@ const INSIDE: &str = "/srv/elsewhere";
 /// A container of the default image with agentbox, the engine's socket and the test's directory
 /// (repository, state, home) mounted at [`INSIDE`], idle until the test execs into it.
 fn devbox(env: &TestEnv) -> Container<GenericImage> {
+    devbox_request(env)
+        .start()
+        .expect("start the container agentbox runs in")
+}
+
+fn devbox_request(env: &TestEnv) -> testcontainers::ContainerRequest<GenericImage> {
     let (name, tag) = IMAGE.split_once(':').unwrap();
     GenericImage::new(name, tag)
         .with_wait_for(WaitFor::Nothing)
@@ -31,6 +37,15 @@ fn devbox(env: &TestEnv) -> Container<GenericImage> {
             "/var/run/docker.sock",
         ))
         .with_mount(Mount::bind_mount(env.root.display().to_string(), INSIDE))
+}
+
+/// Where [`devbox_with_state`] has its state volume.
+const VOLUME_STATE: &str = "/var/lib/agentbox-state";
+
+/// [`devbox`] with the volume `volume` at [`VOLUME_STATE`].
+fn devbox_with_state(env: &TestEnv, volume: &str) -> Container<GenericImage> {
+    devbox_request(env)
+        .with_mount(Mount::volume_mount(volume, VOLUME_STATE))
         .start()
         .expect("start the container agentbox runs in")
 }
@@ -102,6 +117,49 @@ fn a_task_run_from_inside_a_container_lands_its_commit_and_snapshot_on_the_hosts
     assert!(!env.branch_exists("agentbox/u"));
     assert!(!env.worktree_path("u").exists());
     assert_eq!(env.containers(), vec![devbox.id().to_owned()]);
+
+    // The state in a volume, as devcontainer/devcontainer.json has it: the engine has the volume's
+    // directory on the host too.
+    let volume = format!("agentbox-test-state-{}", env.id);
+    common::docker_lines(&["volume", "create", "--label", &label, &volume]);
+    let in_volume = devbox_with_state(&env, &volume);
+    let (code, output) = sh_inside(
+        &env,
+        &in_volume,
+        &format!(
+            "XDG_STATE_HOME={VOLUME_STATE} agentbox run --label {label} v -- sh -c \"echo three > c\""
+        ),
+    );
+    assert_eq!(code, 0, "{output}");
+    assert_eq!(env.file_at("agentbox/v", "c").as_deref(), Some("three\n"));
+    let (code, output) = sh_inside(
+        &env,
+        &in_volume,
+        &format!("XDG_STATE_HOME={VOLUME_STATE} agentbox ls --json"),
+    );
+    assert_eq!(code, 0, "{output}");
+    assert!(
+        output.contains(r#""name":"v","state":"exited""#),
+        "the record is in the volume: {output}"
+    );
+    assert!(
+        !env.task_records().iter().any(|r| r.ends_with("v.json")),
+        "and not in the mounted state: {:?}",
+        env.task_records()
+    );
+    // The task's stopped container goes with a purge that may still be running in there.
+    let outer = [devbox.id().to_owned(), in_volume.id().to_owned()];
+    let deadline = std::time::Instant::now() + common::TIMEOUT;
+    let task_containers = || {
+        let mut left = env.containers();
+        left.retain(|id| !outer.contains(id));
+        left
+    };
+    while !task_containers().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(task_containers(), Vec::<String>::new());
+    drop(in_volume);
 
     // doctor says how paths reach the engine.
     let (code, output) = sh_inside(&env, &devbox, "agentbox doctor");

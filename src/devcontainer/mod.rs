@@ -628,6 +628,18 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_dev_container_agentbox_ships_is_a_file_agentbox_reads() {
+        let text = include_str!("../../devcontainer/devcontainer.json");
+        let file = parse(text, "devcontainer/devcontainer.json").unwrap();
+        assert_eq!(file.image.as_deref(), Some("agentbox/devcontainer:latest"));
+        assert!(
+            file.workspace_mount
+                .unwrap()
+                .contains("target=${localWorkspaceFolder}")
+        );
+    }
+
+    #[test]
     fn comments_and_trailing_commas_are_fine_and_errors_name_the_place() {
         let file = parse(
             "// the app\n{\n  \"image\": \"x\", /* inline */\n  \"forwardPorts\": [3000,],\n}\n",

@@ -721,6 +721,24 @@ impl Drop for TestEnv {
         }
         // Then the per-task networks, which the containers were attached to.
         self.remove_networks();
+        // Then the volumes (compose tasks' named volumes, a state volume), free once no container
+        // holds them.
+        let volumes = docker_lines(&[
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label={TEST_LABEL}={}", self.id),
+        ]);
+        if !volumes.is_empty() {
+            let _ = Command::new("docker")
+                .args(["volume", "rm", "-f"])
+                .args(&volumes)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
         // Then images the test's tasks built (a devcontainer's Dockerfile).
         let images = docker_lines(&[
             "images",
