@@ -15,15 +15,19 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Every ref of the repository with its target, but the task's own (`agentbox/<task>` and
+/// Every ref of the repository with its target, but the tasks' own (`agentbox/<task>` and
 /// `refs/agentbox/<task>/…`).
-fn refs_except(env: &TestEnv, task: &str) -> BTreeMap<String, String> {
-    let own = format!("refs/heads/agentbox/{task}");
-    let kept = format!("refs/agentbox/{task}/");
+fn refs_except(env: &TestEnv, tasks: &[&str]) -> BTreeMap<String, String> {
+    let own = |name: &str| {
+        tasks.iter().any(|task| {
+            name == format!("refs/heads/agentbox/{task}")
+                || name.starts_with(&format!("refs/agentbox/{task}/"))
+        })
+    };
     env.git(["for-each-ref", "--format=%(refname) %(objectname)"])
         .lines()
         .filter_map(|l| l.split_once(' '))
-        .filter(|(name, _)| *name != own && !name.starts_with(&kept))
+        .filter(|(name, _)| !own(name))
         .map(|(name, id)| (name.to_owned(), id.to_owned()))
         .collect()
 }
@@ -46,9 +50,9 @@ struct Before {
     common: Vec<PathBuf>,
 }
 
-fn before(env: &TestEnv, task: &str) -> Before {
+fn before(env: &TestEnv, tasks: &[&str]) -> Before {
     Before {
-        refs: refs_except(env, task),
+        refs: refs_except(env, tasks),
         common: files_under(&env.common_dir(), &["objects", "logs"]),
     }
 }
@@ -81,9 +85,9 @@ fn files_under(dir: &Path, skip: &[&str]) -> Vec<PathBuf> {
 
 /// The host after a hostile task: refs, files of the common dir, fsck, markers, and the user's own
 /// `git status` and `git commit` in the main checkout run nothing planted.
-fn assert_host_untouched(env: &TestEnv, task: &str, before: &Before) {
+fn assert_host_untouched(env: &TestEnv, tasks: &[&str], before: &Before) {
     assert_eq!(
-        refs_except(env, task),
+        refs_except(env, tasks),
         before.refs,
         "no ref but the task's own changed"
     );
@@ -158,7 +162,7 @@ echo new > new.txt
 #[test]
 fn a_planted_git_dir_runs_nothing_on_diff_or_teardown() {
     let env = TestEnv::new("guard-gitdir");
-    let before = before(&env, "evil");
+    let before = before(&env, &["evil"]);
     let script = format!(
         "{}\necho ready; {}",
         planted_git_dir(&env),
@@ -180,7 +184,7 @@ fn a_planted_git_dir_runs_nothing_on_diff_or_teardown() {
     env.release("evil");
     let out = run.wait();
     out.expect_code(0);
-    assert_host_untouched(&env, "evil", &before);
+    assert_host_untouched(&env, &["evil"], &before);
     assert!(
         env.subjects("main..agentbox/evil")
             .contains(&"genuine commit".to_owned()),
@@ -198,7 +202,7 @@ fn a_planted_git_dir_runs_nothing_on_diff_or_teardown() {
 #[test]
 fn a_planted_git_dir_runs_nothing_when_gc_recovers_the_task() {
     let env = TestEnv::new("guard-gitdir-gc");
-    let before = before(&env, "evil");
+    let before = before(&env, &["evil"]);
     let script = format!("{}\necho ready; exec sleep 300", planted_git_dir(&env));
     let mut run = env.spawn(["run", "evil", "--", "sh", "-c", &script]);
     run.wait_for_line("ready");
@@ -206,7 +210,7 @@ fn a_planted_git_dir_runs_nothing_when_gc_recovers_the_task() {
     run.wait();
     let gc = env.output(["gc", "--stop-timeout", "1"]);
     gc.expect_code(0);
-    assert_host_untouched(&env, "evil", &before);
+    assert_host_untouched(&env, &["evil"], &before);
     assert!(
         env.subjects("main..agentbox/evil")
             .contains(&"genuine commit".to_owned()),
@@ -220,7 +224,7 @@ fn a_planted_git_dir_runs_nothing_when_gc_recovers_the_task() {
 fn nothing_of_the_repositorys_git_dir_is_writable_from_a_task() {
     let env = TestEnv::new_bare("guard-common");
     let common = env.common_dir();
-    let before = before(&env, "t");
+    let before = before(&env, &["t"]);
     let c = common.display();
     // Every path of the common dir a task could aim at; only the objects are visible (read-only).
     let script = format!(
@@ -239,7 +243,7 @@ echo work > work.txt
         ["objects=denied", "pack=kept"],
         "the repository's objects are read-only in the task\n{out}"
     );
-    assert_host_untouched(&env, "t", &before);
+    assert_host_untouched(&env, &["t"], &before);
     for f in [
         "commondir",
         "index.lock",
@@ -259,7 +263,7 @@ echo work > work.txt
 fn a_task_cannot_reach_another_tasks_worktree_or_git_dir() {
     let env = TestEnv::new("guard-cross");
     env.git(["branch", "release"]);
-    let before = before(&env, "victim");
+    let before = before(&env, &["victim", "attacker"]);
     let victim_script = format!(
         "echo mine > mine.txt; git add mine.txt; git commit -qm 'victim work'; echo ready; {}",
         wait_for_release()
@@ -301,11 +305,7 @@ true"#,
 
     env.release("victim");
     victim.wait().expect_code(0);
-    let mut before = before;
-    before.refs.remove("refs/heads/agentbox/attacker");
-    let mut after = refs_except(&env, "victim");
-    after.remove("refs/heads/agentbox/attacker");
-    assert_eq!(after, before.refs, "release and main unchanged");
+    assert_host_untouched(&env, &["victim", "attacker"], &before);
     assert_eq!(env.subjects("main..agentbox/victim"), ["victim work"]);
     assert_eq!(
         env.file_at("agentbox/victim", "mine.txt").as_deref(),
@@ -327,7 +327,7 @@ fn refs_objects_and_history_of_the_repository_survive_a_hostile_task() {
     ]);
     other.expect_code(0);
     let other_tip = env.rev("agentbox/other").unwrap();
-    let before = before(&env, "evil");
+    let before = before(&env, &["evil"]);
     let script = r#"set -e
 echo real > real.txt; git add real.txt; git commit -qm "genuine commit"
 git update-ref -d refs/heads/release
@@ -342,7 +342,7 @@ echo wip > wip.txt
 "#;
     let out = env.output(["run", "evil", "--", "sh", "-c", script]);
     out.expect_code(0);
-    assert_host_untouched(&env, "evil", &before);
+    assert_host_untouched(&env, &["evil"], &before);
     assert_eq!(env.rev("agentbox/other"), Some(other_tip.clone()));
     assert!(env.git_try(["cat-file", "-e", &other_tip]).is_some());
     assert!(env.branch_exists("release"));
@@ -361,6 +361,7 @@ echo wip > wip.txt
 #[test]
 fn lock_files_in_the_task_git_dir_break_nothing_on_the_host() {
     let env = TestEnv::new("guard-locks");
+    let before = before(&env, &["locks"]);
     let script = r#"g=$(git rev-parse --absolute-git-dir)
 echo w > w.txt
 touch "$g/index.lock" "$g/HEAD.lock" "$g/packed-refs.lock" "$g/refs/heads/agentbox/locks.lock"
@@ -369,13 +370,14 @@ true"#;
     out.expect_code(0);
     env.assert_snapshot_holds("locks", "w.txt", "w\n");
     env.assert_torn_down("locks");
-    // The user's own git keeps working.
-    env.git(["commit", "-q", "--allow-empty", "-m", "user commit"]);
+    // Includes the user's own commit, which the planted locks must not break.
+    assert_host_untouched(&env, &["locks"], &before);
 }
 
 #[test]
 fn the_env_file_is_never_written_through_a_symlink_the_task_committed() {
     let env = TestEnv::new("guard-envlink");
+    let before = before(&env, &["t"]);
     let stolen = env.root.join("stolen-env");
     let first = format!(
         "rm -f .env.agentbox && ln -s '{}' .env.agentbox && git add -f .env.agentbox && \
@@ -400,6 +402,7 @@ fn the_env_file_is_never_written_through_a_symlink_the_task_committed() {
     assert_eq!(env.rev("agentbox/t"), tip, "the branch is as it was");
     assert!(!env.worktree_path("t").exists());
     assert_eq!(env.containers(), Vec::<String>::new());
+    assert_host_untouched(&env, &["t"], &before);
 }
 
 #[test]
@@ -410,6 +413,7 @@ fn copy_never_writes_through_a_symlinked_parent_the_task_committed() {
     env.write_config("copy = [\"conf/local.yml\"]\n");
     fs::create_dir(env.repo.join("conf")).unwrap();
     fs::write(env.repo.join("conf/local.yml"), "secret: 1\n").unwrap();
+    let before = before(&env, &["t"]);
     let first = format!(
         "rm -rf conf && ln -s '{}' conf && git add -A conf && git commit -qm 'conf as a symlink'",
         outside.display()
@@ -426,11 +430,13 @@ fn copy_never_writes_through_a_symlinked_parent_the_task_committed() {
         "nothing was copied outside"
     );
     assert!(!env.worktree_path("t").exists());
+    assert_host_untouched(&env, &["t"], &before);
 }
 
 #[test]
 fn a_replaced_info_dir_or_objects_dir_in_the_task_git_dir_is_never_followed() {
     let env = TestEnv::new("guard-info");
+    let before = before(&env, &["t"]);
     let outside = env.root.join("outside-info");
     fs::create_dir(&outside).unwrap();
     let script = format!(
@@ -451,11 +457,13 @@ echo w > w.txt"#,
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
     env.assert_snapshot_holds("t", "w.txt", "w\n");
     env.assert_torn_down("t");
+    assert_host_untouched(&env, &["t"], &before);
 }
 
 #[test]
 fn a_setuid_file_never_lands_in_the_repository() {
     let env = TestEnv::new("guard-setuid");
+    let before = before(&env, &["t"]);
     let objects = env.common_dir().join("objects");
     let script = format!(
         "cp /bin/sh ./suid && chmod u+s ./suid && ls -l ./suid | cut -c4; \
@@ -474,11 +482,13 @@ fn a_setuid_file_never_lands_in_the_repository() {
         .collect();
     assert_eq!(setuid, Vec::<PathBuf>::new());
     env.assert_torn_down("t");
+    assert_host_untouched(&env, &["t"], &before);
 }
 
 #[test]
 fn two_tasks_stashes_and_gc_never_touch_each_other() {
     let env = TestEnv::new("guard-stash");
+    let before = before(&env, &["a", "b"]);
     let first = format!(
         "echo a > a.txt && git add a.txt && git commit -qm 'a work' && echo stash-a > s.txt && \
          git stash push -q -u -m from-a && echo ready; {} ; git stash list | wc -l; git stash list",
@@ -510,7 +520,78 @@ fn two_tasks_stashes_and_gc_never_touch_each_other() {
         Some("stash-a\n"),
         "the stashed untracked file is kept"
     );
-    assert!(env.git_try(["fsck", "--full", "--no-dangling"]).is_some());
+    assert_host_untouched(&env, &["a", "b"], &before);
+}
+
+#[test]
+fn worktree_prune_and_removed_locks_in_one_task_strand_no_other_tasks_work() {
+    let env = TestEnv::new("guard-prune");
+    let before = before(&env, &["victim", "attacker"]);
+    let victim_script = format!(
+        "echo v > v.txt && git add v.txt && git commit -qm 'victim work' && echo wip > wip.txt && \
+         echo ready; {}",
+        wait_for_release()
+    );
+    let mut victim = env.spawn(["run", "victim", "--", "sh", "-c", &victim_script]);
+    victim.wait_for_line("ready");
+    let common = env.common_dir();
+    let attack = format!(
+        r#"c=$(git rev-parse --git-common-dir)
+rm -f "$c"/worktrees/*/locked '{host}'/worktrees/*/locked 2>/dev/null
+rm -rf '{host}'/worktrees/victim 2>/dev/null
+git worktree prune --expire=now
+git worktree list >/dev/null
+echo a > a.txt"#,
+        host = common.display()
+    );
+    env.output(["run", "attacker", "--", "sh", "-c", &attack])
+        .expect_code(0);
+    // The victim's worktree is still the host's and git's.
+    let victim_wt = env.worktree_path("victim");
+    assert!(victim_wt.join("wip.txt").exists());
+
+    env.release("victim");
+    victim.wait().expect_code(0);
+    assert_host_untouched(&env, &["victim", "attacker"], &before);
+    assert_eq!(
+        env.subjects("main..agentbox/victim"),
+        [
+            "agentbox: snapshot of uncommitted work in task victim",
+            "victim work"
+        ]
+    );
+    env.assert_snapshot_holds("victim", "wip.txt", "wip\n");
+    env.assert_snapshot_holds("attacker", "a.txt", "a\n");
+}
+
+#[test]
+fn inside_a_task_the_repositorys_branches_are_there_to_log_diff_and_rebase_onto() {
+    let env = TestEnv::new("guard-upstream");
+    env.git(["checkout", "-q", "-b", "other"]);
+    fs::write(env.repo.join("other.txt"), "from other\n").unwrap();
+    env.git(["add", "other.txt"]);
+    env.git(["commit", "-q", "-m", "other's change"]);
+    env.git(["checkout", "-q", "main"]);
+    let before = before(&env, &["t"]);
+    let script = "set -e
+echo mine > mine.txt && git add mine.txt && git commit -qm 'my change'
+git log -1 --format=%s other
+git diff --name-only main...HEAD
+git rebase -q other
+git log --format=%s main..HEAD";
+    let out = env.output(["run", "t", "--", "sh", "-c", script]);
+    out.expect_code(0);
+    assert_eq!(
+        out.stdout_lines(),
+        ["other's change", "mine.txt", "my change", "other's change"],
+        "{out}"
+    );
+    assert_eq!(
+        env.subjects("main..agentbox/t"),
+        ["my change", "other's change"],
+        "the rebased branch is the task's"
+    );
+    assert_host_untouched(&env, &["t"], &before);
 }
 
 #[test]
@@ -631,7 +712,7 @@ fn commits_on_a_branch_of_the_tasks_own_are_kept_too() {
 #[test]
 fn a_repository_the_task_nests_in_its_worktree_runs_nothing_on_the_host() {
     let env = TestEnv::new("guard-nested");
-    let before = before(&env, "evil");
+    let before = before(&env, &["evil"]);
     let m = env.root.join("pwned").display().to_string();
     let script = format!(
         r#"set -e
@@ -666,7 +747,7 @@ echo ready; {}"#,
             .contains("left out of the snapshot commit: other, sub"),
         "{out}"
     );
-    assert_host_untouched(&env, "evil", &before);
+    assert_host_untouched(&env, &["evil"], &before);
     env.assert_snapshot_holds("evil", "new.txt", "new\n");
     // The nested repositories' work is still there, in the kept worktree.
     let worktree = env.worktree_path("evil");
