@@ -490,3 +490,51 @@ fn a_symlink_a_task_committed_where_a_bind_mount_starts_is_never_followed() {
     env.output(["run", "fresh", "--", "cat", "/data/keep"])
         .expect_code(0);
 }
+
+#[test]
+fn a_host_bind_a_task_added_to_the_compose_file_is_refused_when_its_branch_is_the_base() {
+    let env = TestEnv::new("dc-compose-trust");
+    let secret = env.root.join("host-secret");
+    fs::create_dir(&secret).unwrap();
+    fs::write(secret.join("token"), "host only\n").unwrap();
+    let json =
+        r#"{ "dockerComposeFile": "compose.yml", "service": "app", "workspaceFolder": "/w" }"#;
+    let compose = |extra: &str| {
+        format!("services:\n  app:\n    image: {IMAGE}\n    volumes:\n      - ..:/w\n{extra}")
+    };
+    let host_bind = format!("      - {}:/secret\n", secret.display());
+    // The user's own file may bind a host path.
+    commit_files(
+        &env,
+        &[
+            (".devcontainer/devcontainer.json", json),
+            (".devcontainer/compose.yml", &compose(&host_bind)),
+        ],
+    );
+    env.output(["run", "own", "--", "cat", "/secret/token"])
+        .expect_code(0);
+    commit_files(&env, &[(".devcontainer/compose.yml", &compose(""))]);
+
+    // A task puts the bind into the compose file on its branch; devcontainer.json stays the same.
+    let plant = format!(
+        "printf '%s' '{}' > .devcontainer/compose.yml && git commit -qam plant",
+        compose(&host_bind)
+    );
+    env.output(["run", "evil", "--", "sh", "-c", &plant])
+        .expect_code(0);
+    let out = env.output([
+        "run",
+        "--base",
+        "agentbox/evil",
+        "next",
+        "--",
+        "cat",
+        "/secret/token",
+    ]);
+    out.expect_code(125);
+    out.expect_stderr_contains("host path");
+    assert!(!out.stdout.contains("host only"), "{out}");
+    assert!(!env.branch_exists("agentbox/next"));
+    assert!(!env.worktree_path("next").exists());
+    assert_eq!(env.containers(), Vec::<String>::new());
+}

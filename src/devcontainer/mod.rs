@@ -81,8 +81,8 @@ pub struct Loaded {
     pub shown: String,
     /// The commit it was read from.
     pub commit: gix::ObjectId,
-    /// The file at the base is the user's own (the same as at the checkout's `HEAD`): what it asks
-    /// of the host may be done.
+    /// The file and the compose files it names are the user's own at the base (the same as at the
+    /// checkout's `HEAD`): what they ask of the host may be done.
     pub trusted: bool,
 }
 
@@ -117,12 +117,42 @@ impl Loaded {
         })
     }
 
+    fn compose_files_same_at_head(
+        &self,
+        repo: &Repo,
+        base: &str,
+    ) -> Result<bool, DevcontainerError> {
+        let paths = self
+            .file
+            .docker_compose_file
+            .as_ref()
+            .map(spec::OneOrMany::to_vec)
+            .unwrap_or_default();
+        for path in &paths {
+            let path = self.in_repository(path, "dockerComposeFile")?;
+            let same = read_text(repo, self.commit, &path, base)?
+                .is_some_and(|text| same_at_head(repo, &path, &text));
+            if !same {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     fn base_name(&self) -> String {
         self.shown
             .rsplit_once(':')
             .map(|(base, _)| base.to_owned())
             .unwrap_or_default()
     }
+}
+
+/// Whether the user's own checkout has `text` at `path` in `HEAD`.
+fn same_at_head(repo: &Repo, path: &str, text: &str) -> bool {
+    repo.read_head_file(path)
+        .ok()
+        .flatten()
+        .is_some_and(|head| head == text.as_bytes())
 }
 
 /// Finds and parses the devcontainer configuration at `commit` (named `base` in messages).
@@ -151,18 +181,18 @@ pub fn load(
         };
         let shown = format!("{base}:{path}");
         let file = parse(&text, &shown)?;
-        let trusted = repo
-            .read_head_file(path)
-            .ok()
-            .flatten()
-            .is_some_and(|head| head == text.as_bytes());
-        return Ok(Some(Loaded {
+        let mut loaded = Loaded {
             file,
             path: path.clone(),
             shown,
             commit,
-            trusted,
-        }));
+            trusted: same_at_head(repo, path, &text),
+        };
+        // The compose files say what is bind-mounted from the host as much as the file does.
+        if loaded.trusted {
+            loaded.trusted = loaded.compose_files_same_at_head(repo, base)?;
+        }
+        return Ok(Some(loaded));
     }
     match choice {
         Choice::Named(path) => Err(DevcontainerError::Missing {
