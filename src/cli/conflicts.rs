@@ -1,6 +1,7 @@
 use agentbox::land::conflicts::{self, ConflictKind};
+use agentbox::output::sanitize::sanitize_name;
 
-use super::{CommandError, Context, EXIT_ERROR, failed, task_name, write_stdout};
+use super::{CommandError, Context, EXIT_ERROR, failed, file_list, task_name, write_stdout};
 
 /// Predict which tasks would conflict with each other and with the branch they land on, and in
 /// which files (running tasks at their live state), without changing anything
@@ -53,8 +54,8 @@ pub async fn conflicts(context: &Context, args: Args) -> Result<u8, CommandError
             out.push_str(&format!(
                 "{} {arrow} {}: {}\n",
                 conflict.task,
-                conflict.other,
-                conflict.files.join(", ")
+                sanitize_name(&conflict.other),
+                file_list(&conflict.files)
             ));
         }
     }
