@@ -774,3 +774,179 @@ fn the_readme_landing_example_runs_as_written() {
     assert_eq!(env.git(["status", "--porcelain"]), "");
     assert_eq!(env.containers(), Vec::<String>::new());
 }
+
+/// File names a task chose that set the terminal's title (OSC 0, ended by BEL) and clear its
+/// screen (CSI 2 J), and how agentbox shows them.
+const TITLE_NAME: &str = "\x1b]0;pwned\x07x.txt";
+const TITLE_SHOWN: &str = "^[]0;pwned^Gx.txt";
+const CLEAR_NAME: &str = "\x1b[2Jf";
+const CLEAR_SHOWN: &str = "^[[2Jf";
+
+/// A task's script that writes `content` to both hostile names and commits them with a hostile
+/// subject and author name (the sh of the image makes the bytes with printf).
+fn hostile_commit(content: &str) -> String {
+    format!(
+        "title=$(printf '\\033]0;pwned\\007x.txt') && clear=$(printf '\\033[2Jf') && \
+         echo {content} > \"$title\" && echo {content} > \"$clear\" && git add -A && \
+         GIT_AUTHOR_NAME=\"$(printf 'Mallory\\033]0;pwned-author\\007')\" \
+         git commit -qm \"$(printf '\\033]0;pwned-subject\\007fix\\033[2J')\""
+    )
+}
+
+#[track_caller]
+fn assert_no_escape(out: &Out) {
+    assert!(
+        !out.stdout.contains('\x1b') && !out.stderr.contains('\x1b'),
+        "a raw ESC reached the output of {}\nstdout: {:?}\nstderr: {:?}",
+        out.what,
+        out.stdout,
+        out.stderr
+    );
+}
+
+/// Whether every ESC in `shown` starts an SGR (`ESC [ digits ; m`), which only colours text.
+fn only_colours(shown: &str) -> bool {
+    shown.split('\x1b').skip(1).all(|seq| {
+        seq.strip_prefix('[').is_some_and(|rest| {
+            let params = rest.trim_start_matches(|c: char| c.is_ascii_digit() || c == ';');
+            params.starts_with('m')
+        })
+    })
+}
+
+/// A hostile task's file names and commit subject, in a conflict with the target and with another
+/// task: `batch`, `conflicts`, `merge`, `queue` and `review` (off a terminal, and on one with
+/// `PAGER=cat`) show them escaped, never raw; JSON carries them exactly, escaped by JSON.
+#[test]
+fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
+    let env = TestEnv::new("land-escapes");
+    let path = env.root.join("tasks.toml");
+    fs::write(
+        &path,
+        format!(
+            "[[task]]\nname = \"t\"\ncommand = {:?}\n\n[[task]]\nname = \"u\"\ncommand = {:?}\n",
+            hostile_commit("task"),
+            hostile_commit("other")
+        ),
+    )
+    .unwrap();
+    let out = env.output([
+        "batch".as_ref(),
+        path.as_os_str(),
+        "--parallel".as_ref(),
+        "1".as_ref(),
+    ]);
+    out.expect_code(0).expect_stderr_contains(&format!(
+        "u | agentbox: warning: conflicts with task t (finished earlier) in {CLEAR_SHOWN}, {TITLE_SHOWN}"
+    ));
+    assert_no_escape(&out);
+    let made = env.git([
+        "diff-tree",
+        "--no-commit-id",
+        "--name-only",
+        "-z",
+        "-r",
+        "agentbox/t",
+    ]);
+    assert_eq!(
+        made.split('\0')
+            .filter(|f| !f.is_empty())
+            .collect::<Vec<_>>(),
+        [CLEAR_NAME, TITLE_NAME],
+        "the task made the names it meant"
+    );
+    // main gets the same names with other content: both tasks conflict with it.
+    for name in [TITLE_NAME, CLEAR_NAME] {
+        fs::write(env.repo.join(name), "main\n").unwrap();
+    }
+    env.git(["add", "-A"]);
+    env.git(["commit", "-qm", "main takes the names"]);
+    let before = refs(&env);
+
+    let out = env.output(["conflicts"]);
+    out.expect_code(0);
+    assert_no_escape(&out);
+    let files = format!("{CLEAR_SHOWN}, {TITLE_SHOWN}");
+    assert_eq!(
+        out.stdout_lines(),
+        [
+            format!("t <-> u: {files}"),
+            format!("t -> main: {files}"),
+            format!("u -> main: {files}"),
+        ],
+        "{out}"
+    );
+    let out = env.output(["conflicts", "t", "--json"]);
+    assert_no_escape(&out);
+    let first: Value = serde_json::from_str(out.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["files"], serde_json::json!([CLEAR_NAME, TITLE_NAME]));
+
+    let out = env.output(["merge", "t"]);
+    out.expect_code(1).expect_stderr_contains(&format!(
+        "landing task t on main conflicts in {files}; nothing was changed"
+    ));
+    assert_no_escape(&out);
+
+    let out = env.output(["queue", "t", "--check", "true"]);
+    out.expect_code(1).expect_stderr_contains(&format!(
+        "agentbox: t: conflicts with main in {files}; not landed"
+    ));
+    assert_no_escape(&out);
+    assert!(
+        out.stdout_lines()
+            .iter()
+            .any(|l| l.starts_with("t ") && l.contains("conflict") && l.ends_with(&files)),
+        "{out}"
+    );
+    let out = env.output(["queue", "t", "--check", "true", "--json"]);
+    out.expect_code(1);
+    assert_no_escape(&out);
+    let summary: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        summary["tasks"][0]["files"],
+        serde_json::json!([CLEAR_NAME, TITLE_NAME])
+    );
+    assert_eq!(refs(&env), before, "nothing landed");
+
+    // review: git prints the subject and the author's name as they are (it drops the BEL of the
+    // name, not its ESC); its quoting of file names, "\033]0;pwned\ax.txt", keeps them
+    // recognisable.
+    let subject_shown = "^[]0;pwned-subject^Gfix^[[2J";
+    let out = env.output(["review", "t"]);
+    out.expect_code(0);
+    assert_no_escape(&out);
+    for shown in [
+        subject_shown,
+        "Author: Mallory^[]0;pwned-author <",
+        r#""b/\033]0;pwned\ax.txt""#,
+    ] {
+        assert!(out.stdout.contains(shown), "{shown:?} in {:?}", out.stdout);
+    }
+    let json: Value = serde_json::from_str(&env.output(["review", "t", "--json"]).stdout).unwrap();
+    assert_eq!(
+        json["commits"][0]["subject"],
+        "\x1b]0;pwned-subject\x07fix\x1b[2J"
+    );
+    let review = env.agentbox(["review", "t"]);
+    let review_on_a_terminal = |extra: &[(&str, &str)]| {
+        let mut cmd = on_a_terminal(&review, &format!("exec {}", sh_line(&review)));
+        cmd.envs(extra.iter().copied());
+        output_of(cmd)
+    };
+    let plain = review_on_a_terminal(&[("PAGER", "cat"), ("NO_COLOR", "1")]);
+    plain.expect_code(0);
+    assert_no_escape(&plain);
+    assert!(plain.stdout.contains(subject_shown), "{:?}", plain.stdout);
+    let coloured = review_on_a_terminal(&[("PAGER", "cat")]);
+    coloured.expect_code(0);
+    assert!(
+        coloured.stdout.contains("\x1b[") && only_colours(&coloured.stdout),
+        "git's colours and nothing else: {:?}",
+        coloured.stdout
+    );
+    assert!(
+        coloured.stdout.contains(subject_shown),
+        "{:?}",
+        coloured.stdout
+    );
+}
