@@ -950,3 +950,342 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
         coloured.stdout
     );
 }
+
+/// Runs tasks with `agentbox batch` from `dir` (a worktree of the repository); all must exit 0.
+fn tasks_in(env: &TestEnv, dir: &std::path::Path, tasks: &[(&str, &str)]) {
+    let mut file = String::new();
+    for (name, script) in tasks {
+        file.push_str(&format!(
+            "[[task]]\nname = {name:?}\ncommand = {script:?}\n\n"
+        ));
+    }
+    let path = env.root.join(format!("tasks-{}.toml", tasks[0].0));
+    fs::write(&path, file).unwrap();
+    output_of(env.agentbox_in(dir, ["batch".as_ref(), path.as_os_str()])).expect_code(0);
+}
+
+/// The devcontainer layout: `git clone --bare`, then `git worktree add` beside it. Tasks started in
+/// a worktree land on the branch checked out there, which is brought along (and refused while it
+/// has local changes), whether agentbox runs in that worktree, in the bare repository itself, or
+/// lands on the branch of another worktree; `apply` puts changes into the worktree it runs in.
+#[test]
+fn merge_in_a_bare_repository_with_worktrees_beside_it() {
+    let env = TestEnv::new_bare("land-bare-worktrees");
+    let main = env.root.join("main");
+    let feature = env.root.join("feature");
+    env.git([
+        "worktree".as_ref(),
+        "add".as_ref(),
+        "-q".as_ref(),
+        main.as_os_str(),
+        "main".as_ref(),
+    ]);
+    env.git([
+        "worktree".as_ref(),
+        "add".as_ref(),
+        "-q".as_ref(),
+        "-b".as_ref(),
+        "feature".as_ref(),
+        feature.as_os_str(),
+        "main".as_ref(),
+    ]);
+    tasks_in(
+        &env,
+        &main,
+        &[
+            ("a", "echo a > a.txt && git add a.txt && git commit -qm a"),
+            ("b", "echo b > b.txt && git add b.txt && git commit -qm b"),
+            ("f", "echo f > f.txt && git add f.txt && git commit -qm f"),
+            ("p", "echo p > p.txt && git add p.txt && git commit -qm p"),
+        ],
+    );
+    let status = |dir: &std::path::Path| env.git_in(dir, ["status", "--porcelain"]);
+    let ls: Value = serde_json::from_str(
+        output_of(env.agentbox_in(&main, ["ls", "--json"]))
+            .stdout
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ls["base"], "main", "{ls}");
+
+    // In the worktree of main: main lands and the worktree follows.
+    let out = output_of(env.agentbox_in(&main, ["merge", "a"]));
+    out.expect_code(0)
+        .expect_stderr_contains("agentbox: landed task a on main")
+        .expect_stderr_contains(&format!(
+            "agentbox: updated the checkout of main in {}",
+            main.display()
+        ));
+    assert_eq!(env.file_at("main", "a.txt").as_deref(), Some("a\n"));
+    assert_eq!(fs::read_to_string(main.join("a.txt")).unwrap(), "a\n");
+    assert_eq!(status(&main), "");
+    assert!(
+        !feature.join("a.txt").exists(),
+        "the other worktree is left alone"
+    );
+
+    // Local changes in the worktree of main: refused, nothing moved.
+    fs::write(main.join("README.md"), "local edit\n").unwrap();
+    let before = refs(&env);
+    let out = output_of(env.agentbox_in(&main, ["merge", "b"]));
+    out.expect_code(1).expect_stderr_contains(&format!(
+        "branch main is checked out in {} with uncommitted changes",
+        main.display()
+    ));
+    assert_eq!(refs(&env), before);
+    assert!(!main.join("b.txt").exists());
+    env.git_in(&main, ["checkout", "--", "README.md"]);
+
+    // From the bare repository itself: the worktree of main is found and brought along all the same.
+    let out = env.output(["merge", "b"]);
+    out.expect_code(0).expect_stderr_contains(&format!(
+        "agentbox: updated the checkout of main in {}",
+        main.display()
+    ));
+    assert_eq!(fs::read_to_string(main.join("b.txt")).unwrap(), "b\n");
+    assert_eq!(status(&main), "");
+
+    // Onto the branch of the other worktree, which follows; main's worktree does not change.
+    let main_tip = env.rev("main");
+    let out = output_of(env.agentbox_in(&main, ["merge", "f", "--into", "feature"]));
+    out.expect_code(0).expect_stderr_contains(&format!(
+        "agentbox: updated the checkout of feature in {}",
+        feature.display()
+    ));
+    assert_eq!(fs::read_to_string(feature.join("f.txt")).unwrap(), "f\n");
+    assert_eq!(status(&feature), "");
+    assert_eq!(env.rev("main"), main_tip);
+    assert!(!main.join("f.txt").exists());
+
+    // apply: into the worktree it runs in, staged; from the bare repository it has none.
+    output_of(env.agentbox_in(&main, ["apply", "p"])).expect_code(0);
+    assert_eq!(
+        env.git_in(&main, ["diff", "--cached", "--name-only"]),
+        "p.txt"
+    );
+    assert_eq!(env.rev("main"), main_tip, "nothing was committed");
+    env.output(["apply", "p"])
+        .expect_code(1)
+        .expect_stderr_contains("is a bare repository: apply needs a checkout");
+    env.git_raw(["fsck", "--no-dangling"])
+        .expect("fsck is clean");
+}
+
+/// `merge --delete` removes the task and its refs only once it landed: a conflict or a refusal
+/// keeps them; a landing prints each deleted ref with its commit, and the printed command restores
+/// it. A task agentbox forgot (`rm` keeps its branch) loses its branch the same way.
+#[test]
+fn merge_delete_removes_the_task_only_after_it_landed() {
+    let env = TestEnv::new("land-delete");
+    tasks(
+        &env,
+        &[
+            ("c", "echo task > README.md && git commit -qam c"),
+            ("d", "echo d > d.txt && git add d.txt && git commit -qm d"),
+            ("k", "echo k > k.txt && git add k.txt && git commit -qm k"),
+        ],
+    );
+    commit_on_main(&env, "README.md", "main\n");
+    // A check that fails keeps an attempt under refs/agentbox/<task>/.
+    for task in ["d", "k"] {
+        env.output(["queue", task, "--check", "false"])
+            .expect_code(1);
+        assert!(env.rev(&format!("refs/agentbox/{task}/queue")).is_some());
+    }
+
+    let before = refs(&env);
+    env.output(["merge", "c", "--delete"])
+        .expect_code(1)
+        .expect_stderr_contains("conflicts in README.md");
+    env.output(["merge", "d", "--ff-only", "--delete"])
+        .expect_code(1)
+        .expect_stderr_contains("cannot fast-forward main to agentbox/d");
+    assert_eq!(refs(&env), before, "nothing landed, nothing was deleted");
+    for task in ["c", "d"] {
+        assert!(env.ls_task(task).is_some(), "task {task} is still known");
+    }
+
+    let tip = env.rev("agentbox/d").unwrap();
+    let attempt = env.rev("refs/agentbox/d/queue").unwrap();
+    let out = env.output(["merge", "d", "--delete"]);
+    out.expect_code(0);
+    let landed = out
+        .stderr
+        .find("agentbox: landed task d on main")
+        .expect("landed");
+    let deleted = out
+        .stderr
+        .find(&format!(
+            "agentbox: deleted refs/heads/agentbox/d (was {tip}; `git update-ref refs/heads/agentbox/d {tip}` restores it)"
+        ))
+        .unwrap_or_else(|| panic!("the branch is deleted\n{out}"));
+    assert!(landed < deleted, "landed first, then deleted\n{out}");
+    out.expect_stderr_contains(&format!(
+        "agentbox: deleted refs/agentbox/d/queue (was {attempt};"
+    ))
+    .expect_stderr_contains("agentbox: removed task d");
+    assert!(!env.branch_exists("agentbox/d"));
+    assert!(env.rev("refs/agentbox/d/queue").is_none());
+    assert!(env.ls_task("d").is_none());
+    assert_eq!(env.file_at("main", "d.txt").as_deref(), Some("d\n"));
+    env.git(["update-ref", "refs/heads/agentbox/d", &tip]);
+    assert_eq!(
+        env.rev("agentbox/d").as_deref(),
+        Some(tip.as_str()),
+        "restored"
+    );
+
+    // Forgotten by agentbox, the task still has its branch and its attempt.
+    env.output(["rm", "k"]).expect_code(0);
+    assert!(env.ls_task("k").is_none());
+    let tip = env.rev("agentbox/k").unwrap();
+    let out = env.output(["merge", "k", "--delete"]);
+    out.expect_code(0)
+        .expect_stderr_contains("agentbox: landed task k on main")
+        .expect_stderr_contains(&format!(
+            "agentbox: deleted refs/heads/agentbox/k (was {tip}; `git update-ref refs/heads/agentbox/k {tip}` restores it)"
+        ))
+        .expect_stderr_contains("agentbox: deleted refs/agentbox/k/queue");
+    assert!(!env.branch_exists("agentbox/k"));
+    assert!(env.rev("refs/agentbox/k/queue").is_none());
+    assert_eq!(env.file_at("main", "k.txt").as_deref(), Some("k\n"));
+    assert!(
+        env.branch_exists("agentbox/c"),
+        "the conflicting task kept its branch"
+    );
+}
+
+/// The queue's settings in agentbox.toml: `check` runs when no `--check` is given (a string under
+/// `sh -c`, an array as it is, no shell), `queue_strategy` picks merge or rebase, and flags win
+/// over both. With no check anywhere the queue refuses and changes nothing. In a bare repository
+/// the file comes from the tree of HEAD.
+#[test]
+fn the_queue_takes_its_check_and_strategy_from_agentbox_toml() {
+    let env = TestEnv::new("land-queue-config");
+    tasks(
+        &env,
+        &[
+            ("a", "echo a > a.txt && git add . && git commit -qm a"),
+            ("b", "echo b > b.txt && git add . && git commit -qm b"),
+            ("c", "echo c > c.txt && git add . && git commit -qm c"),
+            ("d", "echo d > d.txt && git add . && git commit -qm d"),
+        ],
+    );
+    let before = refs(&env);
+    env.output(["queue", "a"])
+        .expect_code(1)
+        .expect_stderr_contains("no check to run before landing")
+        .expect_stderr_contains("set `check = \"...\"` in agentbox.toml");
+    assert_eq!(refs(&env), before);
+
+    let events = |out: &Out| -> Vec<Value> {
+        out.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let event = |events: &[Value], kind: &str| -> Value {
+        events
+            .iter()
+            .find(|e| e["event"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} event in {events:?}"))
+            .clone()
+    };
+    let check = "test -e \"$AGENTBOX_TASK\"; echo checked-by-config $(ls *.txt)";
+    commit_on_main(
+        &env,
+        "agentbox.toml",
+        &format!("check = {check:?}\nqueue_strategy = \"merge\"\n"),
+    );
+    let out = env.output(["queue", "a", "--json", "--log-lines"]);
+    out.expect_code(0);
+    let events_a = events(&out);
+    assert_eq!(event(&events_a, "attempt")["strategy"], "merge");
+    assert_eq!(
+        event(&events_a, "check_started")["command"],
+        serde_json::json!(["sh", "-c", check])
+    );
+    assert!(
+        events_a
+            .iter()
+            .any(|e| e["event"] == "log" && e["line"] == "checked-by-config a.txt"),
+        "{out}"
+    );
+    assert_eq!(
+        env.git(["rev-list", "--parents", "-n", "1", "main"])
+            .split(' ')
+            .count(),
+        3,
+        "a merge commit, as queue_strategy asks"
+    );
+
+    // --rebase wins over queue_strategy; the check is still the file's.
+    let out = env.output(["queue", "b", "--rebase", "--json", "--log-lines"]);
+    out.expect_code(0);
+    let events_b = events(&out);
+    assert_eq!(event(&events_b, "attempt")["strategy"], "rebase");
+    assert!(
+        events_b
+            .iter()
+            .any(|e| e["event"] == "log" && e["line"] == "checked-by-config a.txt b.txt"),
+        "{out}"
+    );
+    assert_eq!(env.subjects("main~1..main"), ["b"]);
+    assert_eq!(
+        env.git(["rev-list", "--parents", "-n", "1", "main"])
+            .split(' ')
+            .count(),
+        2,
+        "rebased"
+    );
+
+    // --check wins over the file's check.
+    let main_before = env.rev("main");
+    env.output(["queue", "c", "--check", "exit 7", "--json"])
+        .expect_code(1);
+    assert_eq!(env.rev("main"), main_before, "the flag's check failed");
+
+    // An array runs as it is: no shell expands `$HOME` or splits "a b".
+    commit_on_main(
+        &env,
+        "agentbox.toml",
+        "check = [\"printf\", \"%s|\", \"a b\", \"$HOME\"]\nqueue_strategy = \"rebase\"\n",
+    );
+    let out = env.output(["queue", "d", "--json", "--log-lines"]);
+    out.expect_code(0);
+    let events_d = events(&out);
+    assert_eq!(event(&events_d, "attempt")["strategy"], "rebase");
+    assert_eq!(
+        event(&events_d, "check_started")["command"],
+        serde_json::json!(["printf", "%s|", "a b", "$HOME"])
+    );
+    assert!(
+        events_d
+            .iter()
+            .any(|e| e["event"] == "log" && e["line"] == "a b|$HOME|"),
+        "{out}"
+    );
+
+    // A bare repository reads agentbox.toml from the tree of HEAD.
+    let bare = TestEnv::new_bare("land-queue-config-bare");
+    tasks(
+        &bare,
+        &[("q", "echo q > q.txt && git add . && git commit -qm q")],
+    );
+    commit_on_main(
+        &bare,
+        "agentbox.toml",
+        "check = \"test -e q.txt && echo from-head\"\n",
+    );
+    let out = bare.output(["queue", "q", "--json", "--log-lines"]);
+    out.expect_code(0);
+    assert!(
+        events(&out)
+            .iter()
+            .any(|e| e["event"] == "log" && e["line"] == "from-head"),
+        "{out}"
+    );
+    assert_eq!(bare.file_at("main", "q.txt").as_deref(), Some("q\n"));
+}
