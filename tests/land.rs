@@ -1158,8 +1158,8 @@ fn merge_delete_removes_the_task_only_after_it_landed() {
 }
 
 /// The queue's settings in agentbox.toml: `check` runs when no `--check` is given (a string under
-/// `sh -c`, an array as it is, no shell), `queue_strategy` picks merge or rebase, and flags win
-/// over both. With no check anywhere the queue refuses and changes nothing. In a bare repository
+/// `sh -c`, an array as it is, no shell), after the project's `setup`; `queue_strategy` picks merge
+/// or rebase, and flags win over both. With no check anywhere the queue refuses and changes nothing. In a bare repository
 /// the file comes from the tree of HEAD.
 #[test]
 fn the_queue_takes_its_check_and_strategy_from_agentbox_toml() {
@@ -1193,11 +1193,14 @@ fn the_queue_takes_its_check_and_strategy_from_agentbox_toml() {
             .unwrap_or_else(|| panic!("no {kind} event in {events:?}"))
             .clone()
     };
-    let check = "test -e \"$AGENTBOX_TASK\"; echo checked-by-config $(ls *.txt)";
+    // The box of the check is set up like every task's: `setup` ran before it.
+    let check = "test -e /tmp/set-up && echo checked-by-config $(ls *.txt)";
     commit_on_main(
         &env,
         "agentbox.toml",
-        &format!("check = {check:?}\nqueue_strategy = \"merge\"\n"),
+        &format!(
+            "check = {check:?}\nqueue_strategy = \"merge\"\nsetup = [\"touch /tmp/set-up\"]\n"
+        ),
     );
     let out = env.output(["queue", "a", "--json", "--log-lines"]);
     out.expect_code(0);
