@@ -776,17 +776,20 @@ fn the_readme_landing_example_runs_as_written() {
 }
 
 /// File names a task chose that set the terminal's title (OSC 0, ended by BEL) and clear its
-/// screen (CSI 2 J), and how agentbox shows them.
+/// screen (CSI 2 J, and its C1 form U+009B 2 J), and how agentbox shows them.
 const TITLE_NAME: &str = "\x1b]0;pwned\x07x.txt";
 const TITLE_SHOWN: &str = "^[]0;pwned^Gx.txt";
 const CLEAR_NAME: &str = "\x1b[2Jf";
 const CLEAR_SHOWN: &str = "^[[2Jf";
+const C1_NAME: &str = "\u{9b}2Jc";
+const C1_SHOWN: &str = "M-^[2Jc";
 
-/// A task's script that writes `content` to both hostile names and commits them with a hostile
+/// A task's script that writes `content` to the hostile names and commits them with a hostile
 /// subject and author name (the sh of the image makes the bytes with printf).
 fn hostile_commit(content: &str) -> String {
     format!(
         "title=$(printf '\\033]0;pwned\\007x.txt') && clear=$(printf '\\033[2Jf') && \
+         c1=$(printf '\\302\\2332Jc') && echo {content} > \"$c1\" && \
          echo {content} > \"$title\" && echo {content} > \"$clear\" && git add -A && \
          GIT_AUTHOR_NAME=\"$(printf 'Mallory\\033]0;pwned-author\\007')\" \
          git commit -qm \"$(printf '\\033]0;pwned-subject\\007fix\\033[2J')\""
@@ -796,8 +799,8 @@ fn hostile_commit(content: &str) -> String {
 #[track_caller]
 fn assert_no_escape(out: &Out) {
     assert!(
-        !out.stdout.contains('\x1b') && !out.stderr.contains('\x1b'),
-        "a raw ESC reached the output of {}\nstdout: {:?}\nstderr: {:?}",
+        !out.stdout.contains(['\x1b', '\u{9b}']) && !out.stderr.contains(['\x1b', '\u{9b}']),
+        "a raw ESC or CSI reached the output of {}\nstdout: {:?}\nstderr: {:?}",
         out.what,
         out.stdout,
         out.stderr
@@ -837,7 +840,7 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
         "1".as_ref(),
     ]);
     out.expect_code(0).expect_stderr_contains(&format!(
-        "u | agentbox: warning: conflicts with task t (finished earlier) in {CLEAR_SHOWN}, {TITLE_SHOWN}"
+        "u | agentbox: warning: conflicts with task t (finished earlier) in {CLEAR_SHOWN}, {TITLE_SHOWN}, {C1_SHOWN}"
     ));
     assert_no_escape(&out);
     let made = env.git([
@@ -852,11 +855,11 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
         made.split('\0')
             .filter(|f| !f.is_empty())
             .collect::<Vec<_>>(),
-        [CLEAR_NAME, TITLE_NAME],
+        [CLEAR_NAME, TITLE_NAME, C1_NAME],
         "the task made the names it meant"
     );
     // main gets the same names with other content: both tasks conflict with it.
-    for name in [TITLE_NAME, CLEAR_NAME] {
+    for name in [TITLE_NAME, CLEAR_NAME, C1_NAME] {
         fs::write(env.repo.join(name), "main\n").unwrap();
     }
     env.git(["add", "-A"]);
@@ -866,7 +869,7 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
     let out = env.output(["conflicts"]);
     out.expect_code(0);
     assert_no_escape(&out);
-    let files = format!("{CLEAR_SHOWN}, {TITLE_SHOWN}");
+    let files = format!("{CLEAR_SHOWN}, {TITLE_SHOWN}, {C1_SHOWN}");
     assert_eq!(
         out.stdout_lines(),
         [
@@ -879,7 +882,10 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
     let out = env.output(["conflicts", "t", "--json"]);
     assert_no_escape(&out);
     let first: Value = serde_json::from_str(out.stdout.lines().next().unwrap()).unwrap();
-    assert_eq!(first["files"], serde_json::json!([CLEAR_NAME, TITLE_NAME]));
+    assert_eq!(
+        first["files"],
+        serde_json::json!([CLEAR_NAME, TITLE_NAME, C1_NAME])
+    );
 
     let out = env.output(["merge", "t"]);
     out.expect_code(1).expect_stderr_contains(&format!(
@@ -904,7 +910,7 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
     let summary: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
     assert_eq!(
         summary["tasks"][0]["files"],
-        serde_json::json!([CLEAR_NAME, TITLE_NAME])
+        serde_json::json!([CLEAR_NAME, TITLE_NAME, C1_NAME])
     );
     assert_eq!(refs(&env), before, "nothing landed");
 
@@ -940,7 +946,9 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
     let coloured = review_on_a_terminal(&[("PAGER", "cat")]);
     coloured.expect_code(0);
     assert!(
-        coloured.stdout.contains("\x1b[") && only_colours(&coloured.stdout),
+        coloured.stdout.contains("\x1b[")
+            && only_colours(&coloured.stdout)
+            && !coloured.stdout.contains('\u{9b}'),
         "git's colours and nothing else: {:?}",
         coloured.stdout
     );

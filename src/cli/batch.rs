@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentbox::batch::{self, BatchEvent, Stream, TaskResult, Timed};
+use agentbox::output::json;
 use agentbox::output::sanitize::{Colours, sanitize_line, sanitize_text};
 use agentbox::supervisor::{RunRequest, StopLevel};
 use anstyle::{AnsiColor, Style};
@@ -170,7 +171,7 @@ async fn render_json(mut events: mpsc::Receiver<Timed>, log_lines: bool) {
         let mut out = std::io::stdout().lock();
         // Straight to stdout, not through a string: an event can carry a 1 MiB piece of a line.
         // A reader that went away must not stop the tasks: keep draining, stop writing.
-        stdout_open = serde_json::to_writer(&mut out, &event)
+        stdout_open = json::to_writer(&mut out, &event)
             .map_err(std::io::Error::from)
             .and_then(|()| out.write_all(b"\n"))
             .and_then(|()| out.flush())

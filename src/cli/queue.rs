@@ -6,6 +6,7 @@ use agentbox::batch::Stream;
 use agentbox::land::queue::{
     self, Outcome, QueueEvent, QueueOptions, QueueResult, Strategy, Timed,
 };
+use agentbox::output::json;
 use agentbox::output::sanitize::{Colours, sanitize_line, sanitize_name, sanitize_text};
 use agentbox::supervisor::{RunRequest, StopLevel};
 use agentbox::task::TaskName;
@@ -144,7 +145,7 @@ async fn render_json(mut events: mpsc::Receiver<Timed>, log_lines: bool) {
         if !stdout_open || (!log_lines && matches!(event.event, QueueEvent::Log { .. })) {
             continue;
         }
-        let mut line = serde_json::to_string(&event).expect("events always serialise");
+        let mut line = json::to_string(&event).expect("events always serialise");
         line.push('\n');
         let mut out = std::io::stdout().lock();
         stdout_open = out

@@ -2,6 +2,7 @@ use std::io::{IsTerminal, Write};
 use std::process::{Command, Stdio};
 
 use agentbox::land::review;
+use agentbox::output::json;
 use agentbox::output::sanitize::{Colours, sanitize_text};
 
 use super::{CommandError, Context, EXIT_ERROR, failed, task_name, write_stdout};
@@ -23,7 +24,7 @@ pub async fn review(context: &Context, args: Args) -> Result<u8, CommandError> {
     let color = terminal && !context.env.no_color && !args.json;
     let review = review::review(&ws, &task, color).await.map_err(failed)?;
     if args.json {
-        let mut line = serde_json::to_string(&review).expect("a review always serialises");
+        let mut line = json::to_string(&review).expect("a review always serialises");
         line.push('\n');
         write_stdout(line.as_bytes())?;
     } else {
