@@ -784,13 +784,15 @@ const CLEAR_SHOWN: &str = "^[[2Jf";
 const C1_NAME: &str = "\u{9b}2Jc";
 const C1_SHOWN: &str = "M-^[2Jc";
 
-/// A task's script that writes `content` to the hostile names and commits them with a hostile
-/// subject and author name (the sh of the image makes the bytes with printf).
+/// A task's script that writes `content` to the hostile names (into the title one after a title
+/// change of its own) and commits them with a hostile subject and author name (the sh of the image
+/// makes the bytes with printf).
 fn hostile_commit(content: &str) -> String {
     format!(
         "title=$(printf '\\033]0;pwned\\007x.txt') && clear=$(printf '\\033[2Jf') && \
          c1=$(printf '\\302\\2332Jc') && echo {content} > \"$c1\" && \
-         echo {content} > \"$title\" && echo {content} > \"$clear\" && git add -A && \
+         printf '\\033]0;pwned-content\\007{content}\\n' > \"$title\" && \
+         echo {content} > \"$clear\" && git add -A && \
          GIT_AUTHOR_NAME=\"$(printf 'Mallory\\033]0;pwned-author\\007')\" \
          git commit -qm \"$(printf '\\033]0;pwned-subject\\007fix\\033[2J')\""
     )
@@ -817,9 +819,10 @@ fn only_colours(shown: &str) -> bool {
     })
 }
 
-/// A hostile task's file names and commit subject, in a conflict with the target and with another
-/// task: `batch`, `conflicts`, `merge`, `queue` and `review` (off a terminal, and on one with
-/// `PAGER=cat`) show them escaped, never raw; JSON carries them exactly, escaped by JSON.
+/// A hostile task's file names, contents and commit subject, in a conflict with the target and with
+/// another task: `batch`, `conflicts`, `merge`, `queue`, `review` (off a terminal, and on one with
+/// `PAGER=cat`) and `diff` on a terminal show them escaped, never raw; JSON carries them exactly,
+/// escaped by JSON.
 #[test]
 fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
     let env = TestEnv::new("land-escapes");
@@ -924,6 +927,7 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
     for shown in [
         subject_shown,
         "Author: Mallory^[]0;pwned-author <",
+        "+^[]0;pwned-content^Gtask",
         r#""b/\033]0;pwned\ax.txt""#,
     ] {
         assert!(out.stdout.contains(shown), "{shown:?} in {:?}", out.stdout);
@@ -933,17 +937,17 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
         json["commits"][0]["subject"],
         "\x1b]0;pwned-subject\x07fix\x1b[2J"
     );
-    let review = env.agentbox(["review", "t"]);
-    let review_on_a_terminal = |extra: &[(&str, &str)]| {
-        let mut cmd = on_a_terminal(&review, &format!("exec {}", sh_line(&review)));
+    let terminal = |args: &[&str], extra: &[(&str, &str)]| {
+        let inner = env.agentbox(args);
+        let mut cmd = on_a_terminal(&inner, &format!("exec {}", sh_line(&inner)));
         cmd.envs(extra.iter().copied());
         output_of(cmd)
     };
-    let plain = review_on_a_terminal(&[("PAGER", "cat"), ("NO_COLOR", "1")]);
+    let plain = terminal(&["review", "t"], &[("PAGER", "cat"), ("NO_COLOR", "1")]);
     plain.expect_code(0);
     assert_no_escape(&plain);
     assert!(plain.stdout.contains(subject_shown), "{:?}", plain.stdout);
-    let coloured = review_on_a_terminal(&[("PAGER", "cat")]);
+    let coloured = terminal(&["review", "t"], &[("PAGER", "cat")]);
     coloured.expect_code(0);
     assert!(
         coloured.stdout.contains("\x1b[")
@@ -956,6 +960,23 @@ fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
         coloured.stdout.contains(subject_shown),
         "{:?}",
         coloured.stdout
+    );
+
+    // diff: the exact patch into a pipe (to be applied), shown safely on a terminal.
+    let piped = env.output(["diff", "t"]);
+    piped.expect_code(0);
+    assert!(
+        piped.stdout.contains("+\x1b]0;pwned-content\x07task\n"),
+        "{:?}",
+        piped.stdout
+    );
+    let shown = terminal(&["diff", "t"], &[]);
+    shown.expect_code(0);
+    assert_no_escape(&shown);
+    assert!(
+        shown.stdout.contains("+^[]0;pwned-content^Gtask"),
+        "{:?}",
+        shown.stdout
     );
 }
 
