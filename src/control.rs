@@ -178,6 +178,36 @@ pub struct Removal {
     pub deleted_refs: Vec<(String, String)>,
 }
 
+/// Deletes `branch` (the task's) and the refs under `refs/agentbox/<task>/` that keep earlier tips
+/// of it, each only from the commit it was seen at. Returns them with those commits, so they can be
+/// restored. For [`remove`], and for a task agentbox has forgotten while its branch stayed.
+pub async fn delete_refs(
+    ws: &Workspace,
+    task: &TaskName,
+    branch: &str,
+) -> Result<Vec<(String, String)>, ControlError> {
+    let mut refs = vec![format!("refs/heads/{branch}")];
+    refs.extend(ws.repo.ref_names(&format!("refs/agentbox/{task}/"))?);
+    let mut deleted = Vec::new();
+    for name in refs {
+        let tip = match ws
+            .repo
+            .git()
+            .run(&["rev-parse", "--verify", "--quiet", &name])
+            .await
+        {
+            Ok(out) => out.text(),
+            Err(_) => continue,
+        };
+        ws.repo
+            .git()
+            .run(&["update-ref", "-d", &name, &tip])
+            .await?;
+        deleted.push((name, tip));
+    }
+    Ok(deleted)
+}
+
 /// Whether removing the task needs the container engine: only a task that ended normally is known
 /// to have left nothing but its branch behind.
 pub fn removal_needs_runtime(ws: &Workspace, task: &TaskName) -> Result<bool, ControlError> {
@@ -217,24 +247,7 @@ pub async fn remove(
             recovery::clean_up_for_removal(ws, runtime, &record, &claim, REMOVAL_GRACE).await?;
     }
     if delete_branch {
-        let mut refs = vec![format!("refs/heads/{}", record.branch)];
-        refs.extend(ws.repo.ref_names(&format!("refs/agentbox/{task}/"))?);
-        for name in refs {
-            let tip = match ws
-                .repo
-                .git()
-                .run(&["rev-parse", "--verify", "--quiet", &name])
-                .await
-            {
-                Ok(out) => out.text(),
-                Err(_) => continue,
-            };
-            ws.repo
-                .git()
-                .run(&["update-ref", "-d", &name, &tip])
-                .await?;
-            removal.deleted_refs.push((name, tip));
-        }
+        removal.deleted_refs = delete_refs(ws, task, &record.branch).await?;
     }
     // The task's logs go with it: directory removals, off the async runtime.
     let (state, name) = (ws.state.clone(), task.clone());

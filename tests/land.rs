@@ -774,3 +774,550 @@ fn the_readme_landing_example_runs_as_written() {
     assert_eq!(env.git(["status", "--porcelain"]), "");
     assert_eq!(env.containers(), Vec::<String>::new());
 }
+
+/// File names a task chose that set the terminal's title (OSC 0, ended by BEL) and clear its
+/// screen (CSI 2 J, and its C1 form U+009B 2 J), and how agentbox shows them.
+const TITLE_NAME: &str = "\x1b]0;pwned\x07x.txt";
+const TITLE_SHOWN: &str = "^[]0;pwned^Gx.txt";
+const CLEAR_NAME: &str = "\x1b[2Jf";
+const CLEAR_SHOWN: &str = "^[[2Jf";
+const C1_NAME: &str = "\u{9b}2Jc";
+const C1_SHOWN: &str = "M-^[2Jc";
+
+/// A task's script that writes `content` to the hostile names (into the title one after a title
+/// change of its own) and commits them with a hostile subject and author name (the sh of the image
+/// makes the bytes with printf).
+fn hostile_commit(content: &str) -> String {
+    format!(
+        "title=$(printf '\\033]0;pwned\\007x.txt') && clear=$(printf '\\033[2Jf') && \
+         c1=$(printf '\\302\\2332Jc') && echo {content} > \"$c1\" && \
+         printf '\\033]0;pwned-content\\007{content}\\n' > \"$title\" && \
+         echo {content} > \"$clear\" && git add -A && \
+         GIT_AUTHOR_NAME=\"$(printf 'Mallory\\033]0;pwned-author\\007')\" \
+         git commit -qm \"$(printf '\\033]0;pwned-subject\\007fix\\033[2J')\""
+    )
+}
+
+#[track_caller]
+fn assert_no_escape(out: &Out) {
+    assert!(
+        !out.stdout.contains(['\x1b', '\u{9b}']) && !out.stderr.contains(['\x1b', '\u{9b}']),
+        "a raw ESC or CSI reached the output of {}\nstdout: {:?}\nstderr: {:?}",
+        out.what,
+        out.stdout,
+        out.stderr
+    );
+}
+
+/// Whether every ESC in `shown` starts an SGR (`ESC [ digits ; m`), which only colours text.
+fn only_colours(shown: &str) -> bool {
+    shown.split('\x1b').skip(1).all(|seq| {
+        seq.strip_prefix('[').is_some_and(|rest| {
+            let params = rest.trim_start_matches(|c: char| c.is_ascii_digit() || c == ';');
+            params.starts_with('m')
+        })
+    })
+}
+
+/// A hostile task's file names, contents and commit subject, in a conflict with the target and with
+/// another task: `batch`, `conflicts`, `merge`, `queue`, `review` (off a terminal, and on one with
+/// `PAGER=cat`) and `diff` on a terminal show them escaped, never raw; JSON carries them exactly,
+/// escaped by JSON.
+#[test]
+fn file_names_and_subjects_a_task_chose_reach_no_terminal_raw() {
+    let env = TestEnv::new("land-escapes");
+    let path = env.root.join("tasks.toml");
+    fs::write(
+        &path,
+        format!(
+            "[[task]]\nname = \"t\"\ncommand = {:?}\n\n[[task]]\nname = \"u\"\ncommand = {:?}\n",
+            hostile_commit("task"),
+            hostile_commit("other")
+        ),
+    )
+    .unwrap();
+    let out = env.output([
+        "batch".as_ref(),
+        path.as_os_str(),
+        "--parallel".as_ref(),
+        "1".as_ref(),
+    ]);
+    out.expect_code(0).expect_stderr_contains(&format!(
+        "u | agentbox: warning: conflicts with task t (finished earlier) in {CLEAR_SHOWN}, {TITLE_SHOWN}, {C1_SHOWN}"
+    ));
+    assert_no_escape(&out);
+    let made = env.git([
+        "diff-tree",
+        "--no-commit-id",
+        "--name-only",
+        "-z",
+        "-r",
+        "agentbox/t",
+    ]);
+    assert_eq!(
+        made.split('\0')
+            .filter(|f| !f.is_empty())
+            .collect::<Vec<_>>(),
+        [CLEAR_NAME, TITLE_NAME, C1_NAME],
+        "the task made the names it meant"
+    );
+    // main gets the same names with other content: both tasks conflict with it.
+    for name in [TITLE_NAME, CLEAR_NAME, C1_NAME] {
+        fs::write(env.repo.join(name), "main\n").unwrap();
+    }
+    env.git(["add", "-A"]);
+    env.git(["commit", "-qm", "main takes the names"]);
+    let before = refs(&env);
+
+    let out = env.output(["conflicts"]);
+    out.expect_code(0);
+    assert_no_escape(&out);
+    let files = format!("{CLEAR_SHOWN}, {TITLE_SHOWN}, {C1_SHOWN}");
+    assert_eq!(
+        out.stdout_lines(),
+        [
+            format!("t <-> u: {files}"),
+            format!("t -> main: {files}"),
+            format!("u -> main: {files}"),
+        ],
+        "{out}"
+    );
+    let out = env.output(["conflicts", "t", "--json"]);
+    assert_no_escape(&out);
+    let first: Value = serde_json::from_str(out.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(
+        first["files"],
+        serde_json::json!([CLEAR_NAME, TITLE_NAME, C1_NAME])
+    );
+
+    let out = env.output(["merge", "t"]);
+    out.expect_code(1).expect_stderr_contains(&format!(
+        "landing task t on main conflicts in {files}; nothing was changed"
+    ));
+    assert_no_escape(&out);
+
+    let out = env.output(["queue", "t", "--check", "true"]);
+    out.expect_code(1).expect_stderr_contains(&format!(
+        "agentbox: t: conflicts with main in {files}; not landed"
+    ));
+    assert_no_escape(&out);
+    assert!(
+        out.stdout_lines()
+            .iter()
+            .any(|l| l.starts_with("t ") && l.contains("conflict") && l.ends_with(&files)),
+        "{out}"
+    );
+    let out = env.output(["queue", "t", "--check", "true", "--json"]);
+    out.expect_code(1);
+    assert_no_escape(&out);
+    let summary: Value = serde_json::from_str(out.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        summary["tasks"][0]["files"],
+        serde_json::json!([CLEAR_NAME, TITLE_NAME, C1_NAME])
+    );
+    assert_eq!(refs(&env), before, "nothing landed");
+
+    // review: git prints the subject and the author's name as they are (it drops the BEL of the
+    // name, not its ESC); its quoting of file names, "\033]0;pwned\ax.txt", keeps them
+    // recognisable.
+    let subject_shown = "^[]0;pwned-subject^Gfix^[[2J";
+    let out = env.output(["review", "t"]);
+    out.expect_code(0);
+    assert_no_escape(&out);
+    for shown in [
+        subject_shown,
+        "Author: Mallory^[]0;pwned-author <",
+        "+^[]0;pwned-content^Gtask",
+        r#""b/\033]0;pwned\ax.txt""#,
+    ] {
+        assert!(out.stdout.contains(shown), "{shown:?} in {:?}", out.stdout);
+    }
+    let json: Value = serde_json::from_str(&env.output(["review", "t", "--json"]).stdout).unwrap();
+    assert_eq!(
+        json["commits"][0]["subject"],
+        "\x1b]0;pwned-subject\x07fix\x1b[2J"
+    );
+    let terminal = |args: &[&str], extra: &[(&str, &str)]| {
+        let inner = env.agentbox(args);
+        let mut cmd = on_a_terminal(&inner, &format!("exec {}", sh_line(&inner)));
+        cmd.envs(extra.iter().copied());
+        output_of(cmd)
+    };
+    let plain = terminal(&["review", "t"], &[("PAGER", "cat"), ("NO_COLOR", "1")]);
+    plain.expect_code(0);
+    assert_no_escape(&plain);
+    assert!(plain.stdout.contains(subject_shown), "{:?}", plain.stdout);
+    let coloured = terminal(&["review", "t"], &[("PAGER", "cat")]);
+    coloured.expect_code(0);
+    assert!(
+        coloured.stdout.contains("\x1b[")
+            && only_colours(&coloured.stdout)
+            && !coloured.stdout.contains('\u{9b}'),
+        "git's colours and nothing else: {:?}",
+        coloured.stdout
+    );
+    assert!(
+        coloured.stdout.contains(subject_shown),
+        "{:?}",
+        coloured.stdout
+    );
+
+    // diff: the exact patch into a pipe (to be applied), shown safely on a terminal.
+    let piped = env.output(["diff", "t"]);
+    piped.expect_code(0);
+    assert!(
+        piped.stdout.contains("+\x1b]0;pwned-content\x07task\n"),
+        "{:?}",
+        piped.stdout
+    );
+    let shown = terminal(&["diff", "t"], &[]);
+    shown.expect_code(0);
+    assert_no_escape(&shown);
+    assert!(
+        shown.stdout.contains("+^[]0;pwned-content^Gtask"),
+        "{:?}",
+        shown.stdout
+    );
+}
+
+/// Runs tasks with `agentbox batch` from `dir` (a worktree of the repository); all must exit 0.
+fn tasks_in(env: &TestEnv, dir: &std::path::Path, tasks: &[(&str, &str)]) {
+    let mut file = String::new();
+    for (name, script) in tasks {
+        file.push_str(&format!(
+            "[[task]]\nname = {name:?}\ncommand = {script:?}\n\n"
+        ));
+    }
+    let path = env.root.join(format!("tasks-{}.toml", tasks[0].0));
+    fs::write(&path, file).unwrap();
+    output_of(env.agentbox_in(dir, ["batch".as_ref(), path.as_os_str()])).expect_code(0);
+}
+
+/// The devcontainer layout: `git clone --bare`, then `git worktree add` beside it. Tasks started in
+/// a worktree land on the branch checked out there, which is brought along (and refused while it
+/// has local changes), whether agentbox runs in that worktree, in the bare repository itself, or
+/// lands on the branch of another worktree; `apply` puts changes into the worktree it runs in.
+#[test]
+fn merge_in_a_bare_repository_with_worktrees_beside_it() {
+    let env = TestEnv::new_bare("land-bare-worktrees");
+    let main = env.root.join("main");
+    let feature = env.root.join("feature");
+    env.git([
+        "worktree".as_ref(),
+        "add".as_ref(),
+        "-q".as_ref(),
+        main.as_os_str(),
+        "main".as_ref(),
+    ]);
+    env.git([
+        "worktree".as_ref(),
+        "add".as_ref(),
+        "-q".as_ref(),
+        "-b".as_ref(),
+        "feature".as_ref(),
+        feature.as_os_str(),
+        "main".as_ref(),
+    ]);
+    tasks_in(
+        &env,
+        &main,
+        &[
+            ("a", "echo a > a.txt && git add a.txt && git commit -qm a"),
+            ("b", "echo b > b.txt && git add b.txt && git commit -qm b"),
+            ("f", "echo f > f.txt && git add f.txt && git commit -qm f"),
+            ("p", "echo p > p.txt && git add p.txt && git commit -qm p"),
+        ],
+    );
+    let status = |dir: &std::path::Path| env.git_in(dir, ["status", "--porcelain"]);
+    let ls: Value = serde_json::from_str(
+        output_of(env.agentbox_in(&main, ["ls", "--json"]))
+            .stdout
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ls["base"], "main", "{ls}");
+
+    // In the worktree of main: main lands and the worktree follows.
+    let out = output_of(env.agentbox_in(&main, ["merge", "a"]));
+    out.expect_code(0)
+        .expect_stderr_contains("agentbox: landed task a on main")
+        .expect_stderr_contains(&format!(
+            "agentbox: updated the checkout of main in {}",
+            main.display()
+        ));
+    assert_eq!(env.file_at("main", "a.txt").as_deref(), Some("a\n"));
+    assert_eq!(fs::read_to_string(main.join("a.txt")).unwrap(), "a\n");
+    assert_eq!(status(&main), "");
+    assert!(
+        !feature.join("a.txt").exists(),
+        "the other worktree is left alone"
+    );
+
+    // Local changes in the worktree of main: refused, nothing moved.
+    fs::write(main.join("README.md"), "local edit\n").unwrap();
+    let before = refs(&env);
+    let out = output_of(env.agentbox_in(&main, ["merge", "b"]));
+    out.expect_code(1).expect_stderr_contains(&format!(
+        "branch main is checked out in {} with uncommitted changes",
+        main.display()
+    ));
+    assert_eq!(refs(&env), before);
+    assert!(!main.join("b.txt").exists());
+    env.git_in(&main, ["checkout", "--", "README.md"]);
+
+    // From the bare repository itself: the worktree of main is found and brought along all the same.
+    let out = env.output(["merge", "b"]);
+    out.expect_code(0).expect_stderr_contains(&format!(
+        "agentbox: updated the checkout of main in {}",
+        main.display()
+    ));
+    assert_eq!(fs::read_to_string(main.join("b.txt")).unwrap(), "b\n");
+    assert_eq!(status(&main), "");
+
+    // Onto the branch of the other worktree, which follows; main's worktree does not change.
+    let main_tip = env.rev("main");
+    let out = output_of(env.agentbox_in(&main, ["merge", "f", "--into", "feature"]));
+    out.expect_code(0).expect_stderr_contains(&format!(
+        "agentbox: updated the checkout of feature in {}",
+        feature.display()
+    ));
+    assert_eq!(fs::read_to_string(feature.join("f.txt")).unwrap(), "f\n");
+    assert_eq!(status(&feature), "");
+    assert_eq!(env.rev("main"), main_tip);
+    assert!(!main.join("f.txt").exists());
+
+    // apply: into the worktree it runs in, staged; from the bare repository it has none.
+    output_of(env.agentbox_in(&main, ["apply", "p"])).expect_code(0);
+    assert_eq!(
+        env.git_in(&main, ["diff", "--cached", "--name-only"]),
+        "p.txt"
+    );
+    assert_eq!(env.rev("main"), main_tip, "nothing was committed");
+    env.output(["apply", "p"])
+        .expect_code(1)
+        .expect_stderr_contains("is a bare repository: apply needs a checkout");
+    env.git_raw(["fsck", "--no-dangling"])
+        .expect("fsck is clean");
+}
+
+/// `merge --delete` removes the task and its refs only once it landed: a conflict or a refusal
+/// keeps them; a landing prints each deleted ref with its commit, and the printed command restores
+/// it. A task agentbox forgot (`rm` keeps its branch) loses its branch the same way.
+#[test]
+fn merge_delete_removes_the_task_only_after_it_landed() {
+    let env = TestEnv::new("land-delete");
+    tasks(
+        &env,
+        &[
+            ("c", "echo task > README.md && git commit -qam c"),
+            ("d", "echo d > d.txt && git add d.txt && git commit -qm d"),
+            ("k", "echo k > k.txt && git add k.txt && git commit -qm k"),
+        ],
+    );
+    commit_on_main(&env, "README.md", "main\n");
+    // A check that fails keeps an attempt under refs/agentbox/<task>/.
+    for task in ["d", "k"] {
+        env.output(["queue", task, "--check", "false"])
+            .expect_code(1);
+        assert!(env.rev(&format!("refs/agentbox/{task}/queue")).is_some());
+    }
+
+    let before = refs(&env);
+    env.output(["merge", "c", "--delete"])
+        .expect_code(1)
+        .expect_stderr_contains("conflicts in README.md");
+    env.output(["merge", "d", "--ff-only", "--delete"])
+        .expect_code(1)
+        .expect_stderr_contains("cannot fast-forward main to agentbox/d");
+    assert_eq!(refs(&env), before, "nothing landed, nothing was deleted");
+    for task in ["c", "d"] {
+        assert!(env.ls_task(task).is_some(), "task {task} is still known");
+    }
+
+    let tip = env.rev("agentbox/d").unwrap();
+    let attempt = env.rev("refs/agentbox/d/queue").unwrap();
+    let out = env.output(["merge", "d", "--delete"]);
+    out.expect_code(0);
+    let landed = out
+        .stderr
+        .find("agentbox: landed task d on main")
+        .expect("landed");
+    let deleted = out
+        .stderr
+        .find(&format!(
+            "agentbox: deleted refs/heads/agentbox/d (was {tip}; `git update-ref refs/heads/agentbox/d {tip}` restores it)"
+        ))
+        .unwrap_or_else(|| panic!("the branch is deleted\n{out}"));
+    assert!(landed < deleted, "landed first, then deleted\n{out}");
+    out.expect_stderr_contains(&format!(
+        "agentbox: deleted refs/agentbox/d/queue (was {attempt};"
+    ))
+    .expect_stderr_contains("agentbox: removed task d");
+    assert!(!env.branch_exists("agentbox/d"));
+    assert!(env.rev("refs/agentbox/d/queue").is_none());
+    assert!(env.ls_task("d").is_none());
+    assert_eq!(env.file_at("main", "d.txt").as_deref(), Some("d\n"));
+    env.git(["update-ref", "refs/heads/agentbox/d", &tip]);
+    assert_eq!(
+        env.rev("agentbox/d").as_deref(),
+        Some(tip.as_str()),
+        "restored"
+    );
+
+    // Forgotten by agentbox, the task still has its branch and its attempt.
+    env.output(["rm", "k"]).expect_code(0);
+    assert!(env.ls_task("k").is_none());
+    let tip = env.rev("agentbox/k").unwrap();
+    let out = env.output(["merge", "k", "--delete"]);
+    out.expect_code(0)
+        .expect_stderr_contains("agentbox: landed task k on main")
+        .expect_stderr_contains(&format!(
+            "agentbox: deleted refs/heads/agentbox/k (was {tip}; `git update-ref refs/heads/agentbox/k {tip}` restores it)"
+        ))
+        .expect_stderr_contains("agentbox: deleted refs/agentbox/k/queue");
+    assert!(!env.branch_exists("agentbox/k"));
+    assert!(env.rev("refs/agentbox/k/queue").is_none());
+    assert_eq!(env.file_at("main", "k.txt").as_deref(), Some("k\n"));
+    assert!(
+        env.branch_exists("agentbox/c"),
+        "the conflicting task kept its branch"
+    );
+}
+
+/// The queue's settings in agentbox.toml: `check` runs when no `--check` is given (a string under
+/// `sh -c`, an array as it is, no shell), after the project's `setup`; `queue_strategy` picks merge
+/// or rebase, and flags win over both. With no check anywhere the queue refuses and changes nothing. In a bare repository
+/// the file comes from the tree of HEAD.
+#[test]
+fn the_queue_takes_its_check_and_strategy_from_agentbox_toml() {
+    let env = TestEnv::new("land-queue-config");
+    tasks(
+        &env,
+        &[
+            ("a", "echo a > a.txt && git add . && git commit -qm a"),
+            ("b", "echo b > b.txt && git add . && git commit -qm b"),
+            ("c", "echo c > c.txt && git add . && git commit -qm c"),
+            ("d", "echo d > d.txt && git add . && git commit -qm d"),
+        ],
+    );
+    let before = refs(&env);
+    env.output(["queue", "a"])
+        .expect_code(1)
+        .expect_stderr_contains("no check to run before landing")
+        .expect_stderr_contains("set `check = \"...\"` in agentbox.toml");
+    assert_eq!(refs(&env), before);
+
+    let events = |out: &Out| -> Vec<Value> {
+        out.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let event = |events: &[Value], kind: &str| -> Value {
+        events
+            .iter()
+            .find(|e| e["event"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} event in {events:?}"))
+            .clone()
+    };
+    // The box of the check is set up like every task's: `setup` ran before it.
+    let check = "test -e /tmp/set-up && echo checked-by-config $(ls *.txt)";
+    commit_on_main(
+        &env,
+        "agentbox.toml",
+        &format!(
+            "check = {check:?}\nqueue_strategy = \"merge\"\nsetup = [\"touch /tmp/set-up\"]\n"
+        ),
+    );
+    let out = env.output(["queue", "a", "--json", "--log-lines"]);
+    out.expect_code(0);
+    let events_a = events(&out);
+    assert_eq!(event(&events_a, "attempt")["strategy"], "merge");
+    assert_eq!(
+        event(&events_a, "check_started")["command"],
+        serde_json::json!(["sh", "-c", check])
+    );
+    assert!(
+        events_a
+            .iter()
+            .any(|e| e["event"] == "log" && e["line"] == "checked-by-config a.txt"),
+        "{out}"
+    );
+    assert_eq!(
+        env.git(["rev-list", "--parents", "-n", "1", "main"])
+            .split(' ')
+            .count(),
+        3,
+        "a merge commit, as queue_strategy asks"
+    );
+
+    // --rebase wins over queue_strategy; the check is still the file's.
+    let out = env.output(["queue", "b", "--rebase", "--json", "--log-lines"]);
+    out.expect_code(0);
+    let events_b = events(&out);
+    assert_eq!(event(&events_b, "attempt")["strategy"], "rebase");
+    assert!(
+        events_b
+            .iter()
+            .any(|e| e["event"] == "log" && e["line"] == "checked-by-config a.txt b.txt"),
+        "{out}"
+    );
+    assert_eq!(env.subjects("main~1..main"), ["b"]);
+    assert_eq!(
+        env.git(["rev-list", "--parents", "-n", "1", "main"])
+            .split(' ')
+            .count(),
+        2,
+        "rebased"
+    );
+
+    // --check wins over the file's check.
+    let main_before = env.rev("main");
+    env.output(["queue", "c", "--check", "exit 7", "--json"])
+        .expect_code(1);
+    assert_eq!(env.rev("main"), main_before, "the flag's check failed");
+
+    // An array runs as it is: no shell expands `$HOME` or splits "a b".
+    commit_on_main(
+        &env,
+        "agentbox.toml",
+        "check = [\"printf\", \"%s|\", \"a b\", \"$HOME\"]\nqueue_strategy = \"rebase\"\n",
+    );
+    let out = env.output(["queue", "d", "--json", "--log-lines"]);
+    out.expect_code(0);
+    let events_d = events(&out);
+    assert_eq!(event(&events_d, "attempt")["strategy"], "rebase");
+    assert_eq!(
+        event(&events_d, "check_started")["command"],
+        serde_json::json!(["printf", "%s|", "a b", "$HOME"])
+    );
+    assert!(
+        events_d
+            .iter()
+            .any(|e| e["event"] == "log" && e["line"] == "a b|$HOME|"),
+        "{out}"
+    );
+
+    // A bare repository reads agentbox.toml from the tree of HEAD.
+    let bare = TestEnv::new_bare("land-queue-config-bare");
+    tasks(
+        &bare,
+        &[("q", "echo q > q.txt && git add . && git commit -qm q")],
+    );
+    commit_on_main(
+        &bare,
+        "agentbox.toml",
+        "check = \"test -e q.txt && echo from-head\"\n",
+    );
+    let out = bare.output(["queue", "q", "--json", "--log-lines"]);
+    out.expect_code(0);
+    assert!(
+        events(&out)
+            .iter()
+            .any(|e| e["event"] == "log" && e["line"] == "from-head"),
+        "{out}"
+    );
+    assert_eq!(bare.file_at("main", "q.txt").as_deref(), Some("q\n"));
+}

@@ -3,13 +3,14 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentbox::batch::{self, BatchEvent, Stream, TaskResult, Timed};
-use agentbox::output::sanitize::sanitize_line;
+use agentbox::output::json;
+use agentbox::output::sanitize::{Colours, sanitize_line, sanitize_text};
 use agentbox::supervisor::{RunRequest, StopLevel};
 use anstyle::{AnsiColor, Style};
 use tokio::sync::{mpsc, watch};
 
 use super::signals::forward_signals;
-use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, labels};
+use super::{CommandError, Context, EXIT_AGENTBOX_FAILED, file_list, labels};
 
 /// Run the tasks of a task file in parallel, their output multiplexed
 #[derive(Debug, clap::Args)]
@@ -170,7 +171,7 @@ async fn render_json(mut events: mpsc::Receiver<Timed>, log_lines: bool) {
         let mut out = std::io::stdout().lock();
         // Straight to stdout, not through a string: an event can carry a 1 MiB piece of a line.
         // A reader that went away must not stop the tasks: keep draining, stop writing.
-        stdout_open = serde_json::to_writer(&mut out, &event)
+        stdout_open = json::to_writer(&mut out, &event)
             .map_err(std::io::Error::from)
             .and_then(|()| out.write_all(b"\n"))
             .and_then(|()| out.flush())
@@ -292,7 +293,10 @@ async fn render_text(
                     progress.failed += 1;
                 }
                 let message = match &result.error {
-                    Some(error) => format!("agentbox: error: {error}"),
+                    Some(error) => format!(
+                        "agentbox: error: {}",
+                        sanitize_text(error.as_bytes(), Colours::Show)
+                    ),
                     None => match &result.branch {
                         Some(branch) => format!("agentbox: torn down; work is on {branch}"),
                         None => "agentbox: torn down".to_owned(),
@@ -305,7 +309,7 @@ async fn render_text(
                 format!(
                     "{}agentbox: warning: conflicts with task {other} (finished earlier) in {}",
                     palette.prefix(&task),
-                    files.join(", ")
+                    file_list(&files)
                 ),
             ),
             BatchEvent::Created { .. } | BatchEvent::Summary { .. } => continue,

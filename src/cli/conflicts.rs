@@ -1,6 +1,8 @@
 use agentbox::land::conflicts::{self, ConflictKind};
+use agentbox::output::json;
+use agentbox::output::sanitize::sanitize_name;
 
-use super::{CommandError, Context, EXIT_ERROR, failed, task_name, write_stdout};
+use super::{CommandError, Context, EXIT_ERROR, failed, file_list, task_name, write_stdout};
 
 /// Predict which tasks would conflict with each other and with the branch they land on, and in
 /// which files (running tasks at their live state), without changing anything
@@ -30,7 +32,7 @@ pub async fn conflicts(context: &Context, args: Args) -> Result<u8, CommandError
     let mut out = String::new();
     if args.json {
         for conflict in &prediction.conflicts {
-            out.push_str(&serde_json::to_string(conflict).expect("a conflict serialises"));
+            out.push_str(&json::to_string(conflict).expect("a conflict serialises"));
             out.push('\n');
         }
         let summary = serde_json::json!({
@@ -40,7 +42,7 @@ pub async fn conflicts(context: &Context, args: Args) -> Result<u8, CommandError
             "targets": prediction.targets,
             "conflicts": prediction.conflicts.len(),
         });
-        out.push_str(&summary.to_string());
+        out.push_str(&json::to_string(&summary).expect("a summary serialises"));
         out.push('\n');
     } else if prediction.conflicts.is_empty() {
         out.push_str("no conflicts\n");
@@ -53,8 +55,8 @@ pub async fn conflicts(context: &Context, args: Args) -> Result<u8, CommandError
             out.push_str(&format!(
                 "{} {arrow} {}: {}\n",
                 conflict.task,
-                conflict.other,
-                conflict.files.join(", ")
+                sanitize_name(&conflict.other),
+                file_list(&conflict.files)
             ));
         }
     }

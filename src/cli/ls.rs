@@ -1,4 +1,5 @@
 use agentbox::inspect;
+use agentbox::output::json;
 
 use super::{CommandError, Context, EXIT_ERROR, failed, write_stdout};
 
@@ -17,7 +18,7 @@ pub fn ls(context: &Context, args: Args) -> Result<u8, CommandError> {
     let mut out = String::new();
     if args.json {
         for task in &tasks {
-            out.push_str(&serde_json::to_string(task).expect("a task view always serialises"));
+            out.push_str(&json::to_string(task).expect("a task view always serialises"));
             out.push('\n');
         }
     } else {

@@ -83,40 +83,30 @@ pub async fn merge(context: &Context, args: Args) -> Result<u8, CommandError> {
     }
     if args.delete {
         let removal = control::remove(&ws, None, &task, true, false).await;
-        match removal {
-            Ok(removal) => {
-                for (name, tip) in &removal.deleted_refs {
-                    eprintln!(
-                        "agentbox: deleted {name} (was {tip}; `git update-ref {name} {tip}` restores it)"
-                    );
-                }
-                eprintln!("agentbox: removed task {task}");
-            }
+        let (deleted, removed) = match removal {
+            Ok(removal) => (removal.deleted_refs, true),
+            // Forgotten by agentbox (`rm` kept the branch): the branch and its earlier tips go.
             Err(control::ControlError::Inspect(agentbox::inspect::InspectError::UnknownTask {
                 ..
             })) => {
-                let branch = format!("refs/heads/{}", task.branch());
-                let tip = ws
-                    .repo
-                    .git()
-                    .run(&["rev-parse", "--verify", "--quiet", &branch])
-                    .await
-                    .map_err(failed)?
-                    .text();
-                ws.repo
-                    .git()
-                    .run(&["update-ref", "-d", &branch, &tip])
+                let deleted = control::delete_refs(&ws, &task, &task.branch())
                     .await
                     .map_err(failed)?;
-                eprintln!(
-                    "agentbox: deleted {branch} (was {tip}; `git update-ref {branch} {tip}` restores it)"
-                );
+                (deleted, false)
             }
             Err(e) => {
                 return Err(failed(e).with_hint(format!(
                     "the task landed; `agentbox rm --delete-branch {task}` removes it once that is fixed"
                 )));
             }
+        };
+        for (name, tip) in &deleted {
+            eprintln!(
+                "agentbox: deleted {name} (was {tip}; `git update-ref {name} {tip}` restores it)"
+            );
+        }
+        if removed {
+            eprintln!("agentbox: removed task {task}");
         }
     }
     Ok(0)

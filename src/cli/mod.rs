@@ -44,6 +44,7 @@ use std::sync::Arc;
 use agentbox::Workspace;
 use agentbox::config::ProjectConfig;
 use agentbox::docker::{DEFAULT_ADDRESS, DockerEngine};
+use agentbox::output::sanitize::{Colours, sanitize_name, sanitize_text};
 use agentbox::runtime::Runtime;
 use agentbox::task::TaskName;
 use clap::{Parser, Subcommand};
@@ -188,8 +189,12 @@ impl CommandError {
         out
     }
 
+    /// Writes the error to stderr, shown safely: a message can quote what a task chose (a file
+    /// name of a conflict, git's or a hook's words about the task's files).
     pub fn report(&self) {
-        let _ = io::stderr().lock().write_all(self.render().as_bytes());
+        let text = self.render();
+        let shown = sanitize_text(text.as_bytes(), Colours::Show);
+        let _ = io::stderr().lock().write_all(shown.as_bytes());
     }
 }
 
@@ -416,6 +421,15 @@ fn default_user() -> String {
 
 fn task_name(name: &str, exit_code: u8) -> Result<TaskName, CommandError> {
     TaskName::parse(name).map_err(|e| CommandError::new(e, exit_code))
+}
+
+/// File names a task chose, as agentbox's text lists them: `a.txt, b.txt`, each shown safely.
+fn file_list(files: &[String]) -> String {
+    files
+        .iter()
+        .map(|f| sanitize_name(f))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Writes data to stdout; a reader that went away (`agentbox ls | head`) ends the command cleanly.

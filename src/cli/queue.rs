@@ -6,13 +6,16 @@ use agentbox::batch::Stream;
 use agentbox::land::queue::{
     self, Outcome, QueueEvent, QueueOptions, QueueResult, Strategy, Timed,
 };
-use agentbox::output::sanitize::sanitize_line;
+use agentbox::output::json;
+use agentbox::output::sanitize::{Colours, sanitize_line, sanitize_name, sanitize_text};
 use agentbox::supervisor::{RunRequest, StopLevel};
 use agentbox::task::TaskName;
 use tokio::sync::{mpsc, watch};
 
 use super::signals::forward_signals;
-use super::{CommandError, Context, EXIT_ERROR, default_user, failed, labels, task_name};
+use super::{
+    CommandError, Context, EXIT_ERROR, default_user, failed, file_list, labels, task_name,
+};
 
 /// Land tasks one by one, each rebased onto the branch's tip and checked in a box of its own
 /// first: the branch only moves (by fast-forward) for a task whose check passed
@@ -142,7 +145,7 @@ async fn render_json(mut events: mpsc::Receiver<Timed>, log_lines: bool) {
         if !stdout_open || (!log_lines && matches!(event.event, QueueEvent::Log { .. })) {
             continue;
         }
-        let mut line = serde_json::to_string(&event).expect("events always serialise");
+        let mut line = json::to_string(&event).expect("events always serialise");
         line.push('\n');
         let mut out = std::io::stdout().lock();
         stdout_open = out
@@ -187,8 +190,9 @@ async fn render_text(mut events: mpsc::Receiver<Timed>) {
                 target,
                 files,
             } => format!(
-                "agentbox: {task}: conflicts with {target} in {}; not landed",
-                files.join(", ")
+                "agentbox: {task}: conflicts with {} in {}; not landed",
+                sanitize_name(&target),
+                file_list(&files)
             ),
             QueueEvent::CheckStarted {
                 task,
@@ -246,7 +250,10 @@ async fn render_text(mut events: mpsc::Receiver<Timed>) {
                     "agentbox: {task}: not landed; the attempt is kept as {}",
                     result.attempt_ref.unwrap_or_default()
                 ),
-                (_, Some(error)) => format!("agentbox: {task}: not landed: {error}"),
+                (_, Some(error)) => format!(
+                    "agentbox: {task}: not landed: {}",
+                    sanitize_text(error.as_bytes(), Colours::Show)
+                ),
                 _ => continue,
             },
             QueueEvent::Summary { .. } => continue,
@@ -277,7 +284,7 @@ fn print_summary(results: &[QueueResult]) {
                     short(r.from.as_deref().unwrap_or_default()),
                     short(r.to.as_deref().unwrap_or_default())
                 ),
-                Outcome::Conflict => r.files.join(", "),
+                Outcome::Conflict => file_list(&r.files),
                 Outcome::CheckFailed => format!(
                     "exit code {}; attempt kept as {}",
                     r.check_exit_code.unwrap_or_default(),
@@ -288,7 +295,9 @@ fn print_summary(results: &[QueueResult]) {
                     r.attempt_ref.as_deref().unwrap_or("-")
                 ),
                 Outcome::AlreadyLanded => String::new(),
-                Outcome::Stopped | Outcome::Error => r.error.clone().unwrap_or_default(),
+                Outcome::Stopped | Outcome::Error => {
+                    sanitize_name(r.error.as_deref().unwrap_or_default()).into_owned()
+                }
             };
             let outcome = serde_json::to_value(r.outcome)
                 .ok()

@@ -2,6 +2,8 @@ use std::io::{IsTerminal, Write};
 use std::process::{Command, Stdio};
 
 use agentbox::land::review;
+use agentbox::output::json;
+use agentbox::output::sanitize::{Colours, sanitize_text};
 
 use super::{CommandError, Context, EXIT_ERROR, failed, task_name, write_stdout};
 
@@ -22,13 +24,19 @@ pub async fn review(context: &Context, args: Args) -> Result<u8, CommandError> {
     let color = terminal && !context.env.no_color && !args.json;
     let review = review::review(&ws, &task, color).await.map_err(failed)?;
     if args.json {
-        let mut line = serde_json::to_string(&review).expect("a review always serialises");
+        let mut line = json::to_string(&review).expect("a review always serialises");
         line.push('\n');
         write_stdout(line.as_bytes())?;
-    } else if terminal {
-        page(context, &review.text)?;
     } else {
-        write_stdout(&review.text)?;
+        // The text quotes the task's commit messages, author names and files as git prints them
+        // (raw): shown safely, on a terminal or off it. Only git's own colours are meant.
+        let colours = if color { Colours::Keep } else { Colours::Show };
+        let shown = sanitize_text(&review.text, colours);
+        if terminal {
+            page(context, shown.as_bytes())?;
+        } else {
+            write_stdout(shown.as_bytes())?;
+        }
     }
     Ok(0)
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use agentbox::config::{Bytes, Cpus, EnvVar, NetworkSetting, parse_env_file};
 use agentbox::git::snapshot::LeftOutKind;
+use agentbox::output::sanitize::{Colours, sanitize_name, sanitize_text};
 use agentbox::runtime::Output;
 use agentbox::supervisor::{self, Interactive, RunEvent, RunOutcome, RunRequest, StopLevel};
 use tokio::sync::{mpsc, watch};
@@ -422,7 +423,10 @@ async fn print_events(
                 let _ = err.write_all(&bytes).and_then(|()| err.flush());
             }
             RunEvent::Output(Output::NotStarted { .. }) => {}
-            RunEvent::Warning { message } => eprintln!("agentbox: warning: {message}"),
+            RunEvent::Warning { message } => eprintln!(
+                "agentbox: warning: {}",
+                sanitize_text(message.as_bytes(), Colours::Show)
+            ),
             RunEvent::Stopping { immediate: false } => {
                 eprintln!(
                     "agentbox: stopping the task gracefully (interrupt again to kill it now)"
@@ -488,7 +492,10 @@ fn report(outcome: &RunOutcome) -> u8 {
         );
     }
     for problem in &summary.problems {
-        eprintln!("agentbox: warning: {problem}");
+        eprintln!(
+            "agentbox: warning: {}",
+            sanitize_text(problem.as_bytes(), Colours::Show)
+        );
     }
     let (nested, large): (Vec<_>, Vec<_>) = summary
         .left_out
@@ -497,7 +504,7 @@ fn report(outcome: &RunOutcome) -> u8 {
     if !large.is_empty() {
         let files: Vec<String> = large
             .iter()
-            .map(|l| format!("{} ({})", l.path, Bytes(l.size)))
+            .map(|l| format!("{} ({})", sanitize_name(&l.path), Bytes(l.size)))
             .collect();
         eprintln!(
             "agentbox: too large for the snapshot commit, so left out of it: {}",
@@ -505,7 +512,7 @@ fn report(outcome: &RunOutcome) -> u8 {
         );
     }
     if !nested.is_empty() {
-        let paths: Vec<&str> = nested.iter().map(|l| l.path.as_str()).collect();
+        let paths: Vec<_> = nested.iter().map(|l| sanitize_name(&l.path)).collect();
         eprintln!(
             "agentbox: repositories inside the worktree are not looked into (their configuration would run on your machine), so left out of the snapshot commit: {}",
             paths.join(", ")

@@ -113,9 +113,7 @@ pub async fn predict(
         targets.push(target);
     }
     // The attributes of the one branch everything lands on, when there is one.
-    let mut branches: Vec<&Target> = targets.iter().flatten().collect();
-    branches.dedup_by(|a, b| a.branch == b.branch);
-    if let [only] = branches.as_slice() {
+    if let Some(only) = common_target(targets.iter().flatten()) {
         engine = engine.attributes_from(only.tip);
     }
 
@@ -161,6 +159,14 @@ pub async fn predict(
     })
 }
 
+/// The branch all of `targets` land on, when they all land on the same one (in whatever order the
+/// tasks come: `main, dev, main` have none).
+fn common_target<'a>(targets: impl IntoIterator<Item = &'a Target>) -> Option<&'a Target> {
+    let mut targets = targets.into_iter();
+    let first = targets.next()?;
+    targets.all(|t| t.branch == first.branch).then_some(first)
+}
+
 /// Conflict checks as tasks finish, for `batch`: each finished task's branch against those of the
 /// tasks that finished before it.
 #[derive(Debug)]
@@ -203,5 +209,31 @@ impl Watch {
             .collect();
         self.finished.push((task.to_owned(), tip));
         Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(branch: &str) -> Target {
+        Target {
+            branch: branch.to_owned(),
+            tip: gix::ObjectId::null(gix::hash::Kind::Sha1),
+        }
+    }
+
+    #[test]
+    fn attributes_come_from_a_target_only_when_every_task_lands_on_it() {
+        let branches =
+            |names: &[&str]| -> Vec<Target> { names.iter().map(|b| target(b)).collect() };
+        let common =
+            |names: &[&str]| common_target(branches(names).iter()).map(|t| t.branch.clone());
+        assert_eq!(common(&["main", "main", "main"]).as_deref(), Some("main"));
+        assert_eq!(common(&["dev"]).as_deref(), Some("dev"));
+        assert_eq!(common(&[]), None);
+        // Tasks on different branches, the same ones apart: no one branch's attributes.
+        assert_eq!(common(&["main", "dev", "main"]), None);
+        assert_eq!(common(&["main", "main", "dev"]), None);
     }
 }

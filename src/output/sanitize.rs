@@ -16,9 +16,15 @@
 //! ESC to its final byte, never half passed. When a line kept any SGR, it ends with a reset
 //! (`ESC [ 0 m`) so its colours do not leak into agentbox's own text after it.
 //!
+//! Names and messages a task chose are shown the same way wherever agentbox's own text carries them
+//! (a file name in a conflict, a commit subject in `review`), but with no SGR exception
+//! (`sanitize_name`): nothing in a name is meant to colour it, and SGR 8 (conceal) would hide it.
+//!
 //! Wiring: call `sanitize_line` on each line (from `output::lines`, without its '\n') just before it
-//! is written to a terminal; logs and JSON output keep the raw bytes. A line with no control
-//! characters in valid UTF-8 comes back borrowed, so the common case costs one scan and no copy.
+//! is written to a terminal; logs and JSON output keep the raw bytes. Call `sanitize_name` on each
+//! task-chosen name that goes into a line of agentbox's own, and `sanitize_text` on text of many lines
+//! (git's log of a task's commits, an error that quotes a hook). A line with no control characters in
+//! valid UTF-8 comes back borrowed, so the common case costs one scan and no copy.
 
 use std::borrow::Cow;
 
@@ -32,6 +38,53 @@ const SGR_RESET: &str = "\x1b[0m";
 
 /// The line, with every control sequence but SGR colours shown instead of obeyed.
 pub fn sanitize_line(line: &[u8]) -> Cow<'_, str> {
+    sanitize(line, Colours::Keep)
+}
+
+/// A name or message a task chose (a file name, a commit subject, an error quoting one), with every
+/// control sequence shown, colours too: as one line, so a newline in it shows as `^J`.
+pub fn sanitize_name(name: &str) -> Cow<'_, str> {
+    sanitize(name.as_bytes(), Colours::Show)
+}
+
+/// What becomes of SGR sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Colours {
+    /// Passed on (and reset at the end of the line): output that may be coloured.
+    Keep,
+    /// Shown like any other sequence: text in which no colour is meant.
+    Show,
+}
+
+/// Text of many lines, each made safe as [`sanitize_line`] makes one (with `colours` for its SGR
+/// sequences). Line ends stay: '\n', and a '\r' right before it (a CRLF file's lines), which only
+/// moves the cursor to where the next line starts anyway.
+pub fn sanitize_text(text: &[u8], colours: Colours) -> Cow<'_, str> {
+    let plain = std::str::from_utf8(text).ok().filter(|t| {
+        let bytes = t.as_bytes();
+        !bytes.iter().enumerate().any(|(i, &b)| match b {
+            b'\n' => false,
+            b'\r' => bytes.get(i + 1) != Some(&b'\n'),
+            _ => is_c0_or_del(b) || c1_at(bytes, i),
+        })
+    });
+    if let Some(plain) = plain {
+        return Cow::Borrowed(plain);
+    }
+    let mut out = String::with_capacity(text.len() + text.len() / 8);
+    for line in text.split_inclusive(|&b| b == b'\n') {
+        let (content, end): (&[u8], &str) = match line {
+            [rest @ .., b'\r', b'\n'] => (rest, "\r\n"),
+            [rest @ .., b'\n'] => (rest, "\n"),
+            _ => (line, ""),
+        };
+        out.push_str(&sanitize(content, colours));
+        out.push_str(end);
+    }
+    Cow::Owned(out)
+}
+
+fn sanitize(line: &[u8], colours: Colours) -> Cow<'_, str> {
     let text = String::from_utf8_lossy(line);
     if !has_controls(text.as_bytes()) {
         return text;
@@ -46,7 +99,7 @@ pub fn sanitize_line(line: &[u8]) -> Cow<'_, str> {
             ESC => {
                 let sequence = escape_sequence(&bytes[i..]);
                 out.push_str(&text[plain_from..i]);
-                if sequence.is_sgr {
+                if sequence.is_sgr && colours == Colours::Keep {
                     out.push_str(&text[i..i + sequence.len]);
                     kept_sgr = true;
                 } else {
@@ -342,6 +395,39 @@ mod tests {
     }
 
     #[test]
+    fn a_name_keeps_no_escape_sequence_not_even_a_colour() {
+        assert_eq!(sanitize_name("\x1b]0;pwned\x07x.txt"), "^[]0;pwned^Gx.txt");
+        assert_eq!(sanitize_name("\x1b[2Jf"), "^[[2Jf");
+        // SGR 8 conceals the text after it: in a name, it is shown like the rest.
+        assert_eq!(sanitize_name("\x1b[8mhidden"), "^[[8mhidden");
+        assert_eq!(sanitize_name("a\nb\rc"), "a^Jb^Mc");
+        let plain = sanitize_name("src/main.rs");
+        assert!(matches!(plain, Cow::Borrowed("src/main.rs")));
+    }
+
+    #[test]
+    fn text_is_made_safe_line_by_line_and_keeps_its_line_ends() {
+        let text = b"commit 1\n    \x1b]0;pwned\x07subject\r\n\x1b[31m-red\x1b[m\nlast\rover";
+        assert_eq!(
+            sanitize_text(text, Colours::Show),
+            "commit 1\n    ^[]0;pwned^Gsubject\r\n^[[31m-red^[[m\nlast^Mover"
+        );
+        assert_eq!(
+            sanitize_text(text, Colours::Keep),
+            "commit 1\n    ^[]0;pwned^Gsubject\r\n\x1b[31m-red\x1b[m\x1b[0m\nlast^Mover"
+        );
+        for plain in ["", "one\ntwo\n", "crlf\r\nfile\r\n", "tab\there\n"] {
+            let out = sanitize_text(plain.as_bytes(), Colours::Show);
+            assert!(matches!(out, Cow::Borrowed(_)), "{plain:?} was copied");
+            assert_eq!(out, plain);
+        }
+        assert_eq!(
+            sanitize_text(b"bad \xff\nok\n", Colours::Show),
+            "bad \u{fffd}\nok\n"
+        );
+    }
+
+    #[test]
     fn random_bytes_never_leave_a_sequence_a_terminal_would_obey() {
         let mut state = 0x2545_F491_4F6C_DD1D_u64;
         let mut next = move || {
@@ -352,13 +438,18 @@ mod tests {
         };
         // Heavy on the bytes that make sequences, so that many near-misses are tried.
         let alphabet =
-            b"\x1b\x1b\x1b[[[]]m;;:0123?>\x07\\\r\t\x7f\xc2\x9b\x9c\x80P_ aZ\xe2\x82\xac";
+            b"\x1b\x1b\x1b[[[]]m;;:0123?>\x07\\\r\n\t\x7f\xc2\x9b\x9c\x80P_ aZ\xe2\x82\xac";
         for _ in 0..20_000 {
             let len = (next() % 24) as usize;
             let line: Vec<u8> = (0..len)
                 .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
                 .collect();
             assert_harmless(&sanitize_line(&line));
+            let name = sanitize_text(&line, Colours::Show);
+            assert!(!name.contains('\x1b'), "raw ESC in {name:?}");
+            for line in name.split('\n') {
+                assert_harmless(line.strip_suffix('\r').unwrap_or(line));
+            }
         }
     }
 }
