@@ -803,3 +803,21 @@ fn the_env_file_stays_out_of_the_snapshot_when_the_task_stages_it() {
     assert!(!everything.contains("SECRETISH=changed"), "{everything}");
     env.assert_torn_down("stager");
 }
+
+#[test]
+fn a_branch_the_task_points_at_a_tree_is_refused_and_the_work_kept() {
+    let env = TestEnv::new("guard-tree");
+    let before = before(&env, &["t"]);
+    // git refuses to point a branch at a tree; the ref file is the task's to write anyway.
+    let script = "echo k > k.txt && git add k.txt && \
+                  git write-tree > \"$(git rev-parse --absolute-git-dir)/refs/heads/agentbox/t\" && \
+                  echo wip > wip.txt";
+    let out = env.output(["run", "t", "--", "sh", "-c", script]);
+    out.expect_code(0);
+    out.expect_stderr_contains("was tampered with");
+    out.expect_stderr_contains("points at a tree, not a commit");
+    assert_eq!(env.ls_task("t").unwrap()["state"], "kept");
+    assert!(env.worktree_path("t").join("wip.txt").is_file());
+    assert_host_untouched(&env, &["t"], &before);
+    env.output(["rm", "t"]).expect_code(0);
+}

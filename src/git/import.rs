@@ -57,9 +57,16 @@ pub async fn import(repo: &Repo, dirs: &TaskDirs, task: &str) -> Result<Imported
         fetch(repo, dirs, std::iter::once(tip)).await?;
     }
     let tip_hex = tip.to_string();
-    let kind = repo.git().run(&["cat-file", "-t", &tip_hex]).await?.text();
-    if kind != "commit" {
-        return Err(dirs.tampered(format!("its branch points at a {kind}, not a commit")));
+    match repo.object_kind(tip) {
+        Some(gix::object::Kind::Commit) => {}
+        Some(kind) => {
+            return Err(dirs.tampered(format!("its branch points at a {kind}, not a commit")));
+        }
+        None => {
+            return Err(dirs.tampered(format!(
+                "its branch points at {tip_hex}, which the import did not bring"
+            )));
+        }
     }
     let message = format!("agentbox: import of task {task}");
     let git = repo.git();

@@ -451,6 +451,14 @@ impl Repo {
         self.local().has_object(id)
     }
 
+    /// What kind of object `id` is; `None` when the repository does not have it.
+    pub fn object_kind(&self, id: gix::ObjectId) -> Option<gix::object::Kind> {
+        self.local()
+            .find_header(id)
+            .ok()
+            .map(|header| header.kind())
+    }
+
     /// The branches, tags and remote-tracking branches a task may read (`git log main` inside),
     /// as `(full name, target)` pairs sorted by name; symbolic refs and `except` are left out.
     pub fn refs_for_tasks(&self, except: &str) -> Result<Vec<(String, gix::ObjectId)>, GitError> {
