@@ -358,14 +358,20 @@ impl Context {
             let project_root = ws.project_root().to_owned();
             ws.set_worktree_root(root, &project_root);
         }
-        // The look at the checkout and the engine's handshake overlap.
+        // The look at the checkout overlaps with the engine's handshake and the cleanup after
+        // dead supervisors.
         let dirty = async {
             match from_head {
                 Some(_) => ws.repo.checkout_is_dirty().await.unwrap_or(false),
                 None => false,
             }
         };
-        let (dirty, runtime) = tokio::join!(dirty, self.runtime());
+        let connected = async {
+            let runtime = self.runtime().await?;
+            gc::recover_left_behind(&ws, &*runtime).await;
+            Ok::<_, agentbox::runtime::RuntimeError>(runtime)
+        };
+        let (dirty, runtime) = tokio::join!(dirty, connected);
         if let Some(tasks) = from_head
             && dirty
         {
@@ -386,7 +392,6 @@ impl Context {
             eprintln!("agentbox: {message}");
         }
         let runtime = runtime.map_err(|e| fail(e.into()))?;
-        gc::recover_left_behind(&ws, &*runtime).await;
         Ok((ws, config, runtime))
     }
 }

@@ -260,17 +260,25 @@ async fn stage(
         git.run(&["read-tree", "--reset", &tip_hex]).await?;
     }
 
-    let (mut left_out, untracked_dirs) =
-        large_changes(git, &dirs.worktree, staging.max_file_size).await?;
+    let changes = large_changes(git, &dirs.worktree, staging.max_file_size).await?;
+    let (mut left_out, untracked_dirs) = (changes.left_out, changes.untracked_dirs);
     let (worktree, index_path) = (dirs.worktree.clone(), index.to_owned());
-    let nested = tokio::task::spawn_blocking(move || {
+    let (nested, has_gitlinks) = tokio::task::spawn_blocking(move || {
         let mut candidates = gitlinks(&index_path)?;
+        let has_gitlinks = !candidates.is_empty();
         candidates.extend(untracked_dirs);
-        Ok::<_, GitError>(nested_repositories(&worktree, candidates))
+        Ok::<_, GitError>((nested_repositories(&worktree, candidates), has_gitlinks))
     })
     .await
     .expect("looking for nested repositories does not panic")?;
     left_out.extend(nested);
+    // Nothing untracked and nothing changed against the index, which is the tip's tree: the
+    // worktree is the tip, and `git add` and `write-tree` would only say so. (A submodule's
+    // entry is one git lists neither way, so with one the long way is taken.)
+    if changes.none_listed && !has_gitlinks {
+        let (tree, _) = repo.tree_and_subject(tip)?;
+        return Ok((tip, tree.to_string(), left_out));
+    }
 
     let excludes: Vec<String> = left_out
         .iter()
@@ -308,12 +316,13 @@ async fn large_changes(
     git: &Git,
     worktree: &Path,
     limit: u64,
-) -> Result<(Vec<LeftOut>, Vec<String>), GitError> {
+) -> Result<Changes, GitError> {
     let (others, modified) = tokio::join!(
         git.run(&["ls-files", "-z", "--others", "--exclude-standard"]),
         git.run(&["diff-files", "-z", "--name-only", "--ignore-submodules=all"])
     );
     let (others, modified) = (others?, modified?);
+    let none_listed = others.stdout.is_empty() && modified.stdout.is_empty();
     let worktree = worktree.to_owned();
     let found = tokio::task::spawn_blocking(move || {
         let mut untracked_dirs = Vec::new();
@@ -338,11 +347,23 @@ async fn large_changes(
             .collect();
         left_out.sort_by(|a, b| a.path.cmp(&b.path));
         left_out.dedup();
-        (left_out, untracked_dirs)
+        Changes {
+            left_out,
+            untracked_dirs,
+            none_listed,
+        }
     })
     .await
     .expect("looking at file sizes does not panic");
     Ok(found)
+}
+
+/// What [`large_changes`] found.
+struct Changes {
+    left_out: Vec<LeftOut>,
+    untracked_dirs: Vec<String>,
+    /// git listed no untracked file and no tracked file changed.
+    none_listed: bool,
 }
 
 /// Paths of the submodule entries (gitlinks) of an index.
