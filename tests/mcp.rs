@@ -7,7 +7,8 @@
 //! Two more conversations: the file tools in a worktree a hostile task prepared (`hostile.py`), and
 //! services for tasks with limits and without a network (`services.py`).
 //!
-//! The Python comes from the venv `.ci/run` makes (`target/mcp-venv`, or `AGENTBOX_TEST_PYTHON`).
+//! The Python comes from the venv `.ci/run` makes (`target/mcp-venv`, or `mcp-venv` in
+//! `CARGO_TARGET_DIR`, or `AGENTBOX_TEST_PYTHON`).
 //! Without it the test says so and passes, except in CI (`CI=true`), where it fails.
 
 mod common;
@@ -26,6 +27,13 @@ fn python() -> Result<PathBuf, String> {
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/mcp-venv/bin/python");
     if venv.exists() {
         return Ok(venv);
+    }
+    // The same venv in a target dir of its own (CARGO_TARGET_DIR), beside cargo's `tmp`.
+    if let Some(target) = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).parent() {
+        let python = target.join("mcp-venv/bin/python");
+        if python.exists() {
+            return Ok(python);
+        }
     }
     Err(format!(
         "no Python with the mcp SDK at {} (bash .ci/run makes it: python3 -m venv target/mcp-venv && target/mcp-venv/bin/pip install mcp==2.3.0), nor AGENTBOX_TEST_PYTHON",
