@@ -393,6 +393,7 @@ mod tests {
             tty: false,
             stdin: false,
             idle: false,
+            sandbox: None,
         }
     }
 

@@ -221,6 +221,32 @@ pub struct TaskRecord {
     /// A long-lived task (`up`, `run -d` without a command): its container idles until `stop`.
     #[serde(default)]
     pub idle: bool,
+    /// What the task's container was given, for what joins the task later (a service added
+    /// through MCP). `None` in a record an older agentbox wrote.
+    #[serde(default)]
+    pub sandbox: Option<SandboxLimits>,
+}
+
+/// The limits of a task's container and whether it has a network at all: a container added to
+/// the task gets the same limits, and none can join a task without a network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxLimits {
+    pub memory_bytes: Option<u64>,
+    /// CPUs in billionths.
+    pub nano_cpus: Option<u64>,
+    pub pids: Option<u64>,
+    /// `--network none`: loopback only.
+    pub no_network: bool,
+}
+
+impl SandboxLimits {
+    pub fn container_limits(&self) -> crate::runtime::Limits {
+        crate::runtime::Limits {
+            memory_bytes: self.memory_bytes,
+            nano_cpus: self.nano_cpus,
+            pids: self.pids,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-use std::io;
+use std::io::{self, Write};
 
 use agentbox::Workspace;
 use agentbox::control::{self, ControlError};
@@ -7,6 +7,7 @@ use agentbox::supervisor::StopSignal;
 use agentbox::task::TaskName;
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::detach::SignalForwarding;
 use super::interactive::{Ended, Session, Target};
 use super::wait::ended;
 use super::{CommandError, Context, EXIT_ERROR, failed, task_name};
@@ -107,6 +108,13 @@ async fn attach_interactive(
     task: &TaskName,
     args: &Args,
 ) -> Result<u8, CommandError> {
+    // First: whatever the task is, a terminal cannot be joined from here.
+    if args.tty && !super::terminal::stdin_is_terminal() {
+        return Err(
+            failed("-t needs a terminal on stdin, and agentbox's stdin is not one")
+                .with_hint(format!("`agentbox attach -i {task}` passes a pipe to the task's stdin; or run agentbox from a terminal")),
+        );
+    }
     let keys = context.detach_keys(args.detach_keys.as_deref(), EXIT_ERROR)?;
     let record = control::running(ws, task).map_err(failed)?;
     if args.tty && !record.tty {
@@ -125,25 +133,15 @@ async fn attach_interactive(
             "`agentbox attach {task}` follows its output; `agentbox shell {task}` opens a shell in it"
         )));
     }
-    if args.tty && !super::terminal::stdin_is_terminal() {
-        return Err(
-            failed("-t needs a terminal on stdin, and agentbox's stdin is not one")
-                .with_hint("leave out -t, or run agentbox from a terminal"),
-        );
-    }
     let container = record.container_id.clone().unwrap_or_default();
     let runtime = context.runtime().await.map_err(failed)?;
     let attached = runtime
         .attach_interactive(&container, &keys.text)
         .await
         .map_err(failed)?;
-    // Without a terminal of its own, a Ctrl-C here is a signal for agentbox: it goes to the
-    // supervisor, as for a plain `attach`.
-    let signals = (!args.tty).then(|| {
-        tokio::spawn(super::detach::forward_signals_to(Some(
-            record.supervisor_pid,
-        )))
-    });
+    // SIGINT and SIGTERM that reach this client go to the supervisor, as for a plain `attach`:
+    // without a terminal of its own a Ctrl-C here is one; with one it comes from elsewhere.
+    let forwarding = SignalForwarding::start(Some(record.supervisor_pid));
     let session = Session {
         runtime: &*runtime,
         target: Target::Container(&container),
@@ -151,22 +149,22 @@ async fn attach_interactive(
         input: Some(attached.input),
         tty: args.tty,
         detach: keys.watch_if_terminal(),
+        signals_passed_on: forwarding.is_some(),
     };
-    let ended = session.run().await;
-    let code = after_session(ws, task, ended?).await;
-    if let Some(signals) = signals {
-        signals.abort();
-    }
-    code
+    let ended = session.run().await?;
+    after_session(ws, task, ended, forwarding.as_ref()).await
 }
 
 /// What an interactive client does when its session is over: a detached one says how to come
-/// back; one whose task ended waits for the teardown and returns the task's exit code.
+/// back; one whose task ended waits for the teardown and returns the task's exit code, or, when it
+/// passed a signal on to the task, that signal's (as a plain `attach` does).
 pub(super) async fn after_session(
     ws: &Workspace,
     task: &TaskName,
     ended: Ended,
+    forwarding: Option<&SignalForwarding>,
 ) -> Result<u8, CommandError> {
+    let passed_on = || forwarding.and_then(SignalForwarding::exit_code);
     match ended {
         Ended::Detached => {
             eprintln!(
@@ -175,7 +173,9 @@ pub(super) async fn after_session(
             Ok(0)
         }
         Ended::Signalled(code) => {
-            eprintln!(
+            // The terminal may be gone (SIGHUP): a failed write is no reason to panic.
+            let _ = writeln!(
+                io::stderr(),
                 "agentbox: left task {task} running (`agentbox attach -it {task}` joins it again)"
             );
             Ok(code)
@@ -188,7 +188,10 @@ pub(super) async fn after_session(
             };
             eprintln!("agentbox: command {what} in task {task}: {command}");
             control::wait(ws, task).await.map_err(failed)?;
-            finished(ws, task)
+            match passed_on() {
+                Some(code) => Ok(code),
+                None => finished(ws, task),
+            }
         }
         Ended::Finished => {
             let record = control::wait(ws, task).await.map_err(failed)?;
@@ -206,7 +209,10 @@ pub(super) async fn after_session(
                 Some(code) => eprintln!("agentbox: task {task} exited {code} and changed nothing"),
                 None => {}
             }
-            finished(ws, task)
+            match passed_on() {
+                Some(code) => Ok(code),
+                None => finished(ws, task),
+            }
         }
     }
 }

@@ -16,7 +16,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use agentbox::supervisor::RunEvent;
+use agentbox::supervisor::{RunEvent, StopSignal};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
@@ -295,23 +295,48 @@ pub fn tty_size() -> Option<(u16, u16)> {
     Some((rows.parse().ok()?, cols.parse().ok()?))
 }
 
-/// Passes SIGINT and SIGTERM on to the supervisor `pid`, as if sent to its `agentbox run`: the
-/// first stops the task gracefully, a second kills it.
-pub async fn forward_signals_to(pid: Option<u32>) {
-    let Some(pid) = pid.and_then(|pid| rustix::process::Pid::from_raw(pid as i32)) else {
-        return;
-    };
-    let (Ok(mut interrupt), Ok(mut terminate)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return;
-    };
-    loop {
-        let received = tokio::select! {
-            _ = interrupt.recv() => rustix::process::Signal::INT,
-            _ = terminate.recv() => rustix::process::Signal::TERM,
-        };
-        let _ = rustix::process::kill_process(pid, received);
+/// SIGINT and SIGTERM passed on to a task's supervisor, as if sent to its `agentbox run`: the first
+/// stops the task gracefully, a second kills it. For as long as it lives.
+pub struct SignalForwarding {
+    first: std::sync::Arc<std::sync::OnceLock<StopSignal>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SignalForwarding {
+    /// Listens from now on (not from the first poll of a task: a signal in between would find
+    /// nobody listening, and the caller may switch the terminal to raw mode right after); `None`
+    /// when there is no supervisor or the signals cannot be listened for.
+    pub fn start(pid: Option<u32>) -> Option<Self> {
+        let pid = pid.and_then(|pid| rustix::process::Pid::from_raw(pid as i32))?;
+        let mut interrupt = signal(SignalKind::interrupt()).ok()?;
+        let mut terminate = signal(SignalKind::terminate()).ok()?;
+        let first = std::sync::Arc::new(std::sync::OnceLock::new());
+        let seen = first.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let received = tokio::select! {
+                    _ = interrupt.recv() => StopSignal::Interrupt,
+                    _ = terminate.recv() => StopSignal::Terminate,
+                };
+                let _ = seen.set(received);
+                let raw = match received {
+                    StopSignal::Interrupt => rustix::process::Signal::INT,
+                    StopSignal::Terminate => rustix::process::Signal::TERM,
+                };
+                let _ = rustix::process::kill_process(pid, raw);
+            }
+        });
+        Some(Self { first, task })
+    }
+
+    /// The exit code of the first signal passed on (130, 143), if one was.
+    pub fn exit_code(&self) -> Option<u8> {
+        self.first.get().map(|signal| signal.exit_code() as u8)
+    }
+}
+
+impl Drop for SignalForwarding {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -100,6 +100,8 @@ pub(super) async fn run_in(
         input: execution.input,
         tty: spec.tty,
         detach: keys.watch_if_terminal(),
+        // No supervisor runs an exec'd command: a signal ends the session, the command goes on.
+        signals_passed_on: false,
     };
     match session.run().await? {
         Ended::Detached => {

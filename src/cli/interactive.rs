@@ -6,7 +6,16 @@
 //! session (so Ctrl-C is a byte for the program, not a signal for agentbox), the program's
 //! terminal gets the caller's size at once and on every SIGWINCH, and the output arrives as one
 //! stream. The terminal is restored on every way out: the end of the output, detaching, an error,
-//! SIGTERM or SIGHUP, a panic.
+//! a signal, a panic.
+//!
+//! A signal that reaches agentbox itself (`kill`, a closed terminal: Ctrl-C in raw mode is a byte
+//! for the program, not a signal) is handled as it is without a terminal, except that agentbox
+//! never dies of it with the terminal raw. SIGINT and SIGTERM go on to the task's supervisor when
+//! there is one (`run`, `attach`: the caller passes them on, the session goes on until the task
+//! has stopped); without one (`exec`) they end the session and leave the program running, as
+//! their default action does without a terminal. SIGHUP and SIGQUIT end the session and leave the
+//! task running: without a terminal they end agentbox alone too, the supervisor living in a
+//! process group of its own that ignores SIGHUP.
 
 use std::io::{self, Write};
 use std::pin::Pin;
@@ -33,7 +42,8 @@ pub enum Ended {
     Finished,
     /// The user typed the detach keys; the program goes on.
     Detached,
-    /// SIGTERM or SIGHUP reached agentbox; the exit code a shell reports for it.
+    /// A signal ended the session (with a terminal); the exit code a shell reports for it. The
+    /// program goes on.
     Signalled(u8),
     /// The engine could not execute the command (`exec`): 127 when it does not exist, else 126.
     NotStarted { not_found: bool, command: String },
@@ -49,6 +59,9 @@ pub struct Session<'a> {
     pub tty: bool,
     /// Watches stdin for the detach keys; only a session with stdin can detach.
     pub detach: Option<DetachWatch>,
+    /// The caller passes SIGINT and SIGTERM on to the task's supervisor (and listens for them
+    /// before the session starts): they do not end the session.
+    pub signals_passed_on: bool,
 }
 
 impl Session<'_> {
@@ -60,7 +73,17 @@ impl Session<'_> {
             input,
             tty,
             detach,
+            signals_passed_on,
         } = self;
+        // Listened for before the terminal is raw: from then on none may end agentbox unheard.
+        let listen = |kind: SignalKind, wanted: bool| {
+            if wanted { signal(kind).ok() } else { None }
+        };
+        let mut winch = listen(SignalKind::window_change(), tty);
+        let mut hangup = listen(SignalKind::hangup(), tty);
+        let mut quit = listen(SignalKind::quit(), tty);
+        let mut interrupt = listen(SignalKind::interrupt(), tty && !signals_passed_on);
+        let mut terminate = listen(SignalKind::terminate(), tty && !signals_passed_on);
         let raw = if tty {
             Some(
                 RawMode::enable()
@@ -79,12 +102,6 @@ impl Session<'_> {
         if tty {
             resize(terminal::size()).await;
         }
-        let listen = |kind: SignalKind, wanted: bool| {
-            if wanted { signal(kind).ok() } else { None }
-        };
-        let mut winch = listen(SignalKind::window_change(), tty);
-        let mut terminate = listen(SignalKind::terminate(), tty);
-        let mut hangup = listen(SignalKind::hangup(), tty);
 
         let (detached_tx, mut detached) = tokio::sync::oneshot::channel();
         let mut typing = input.map(|input| tokio::spawn(forward_stdin(input, detach, detached_tx)));
@@ -110,8 +127,10 @@ impl Session<'_> {
                     Err(_) => stdin_open = false,
                 },
                 Some(()) = recv(&mut winch) => resize(terminal::size()).await,
-                Some(()) = recv(&mut terminate) => break Ended::Signalled(143),
                 Some(()) = recv(&mut hangup) => break Ended::Signalled(129),
+                Some(()) = recv(&mut interrupt) => break Ended::Signalled(130),
+                Some(()) = recv(&mut quit) => break Ended::Signalled(131),
+                Some(()) = recv(&mut terminate) => break Ended::Signalled(143),
             }
         };
         if let Some(typing) = typing.take() {

@@ -385,10 +385,9 @@ async fn interactive_run(
         Some(line) if line == detach::STARTED => {}
         _ => return supervisor.failed().await,
     }
-    // Without a terminal of its own, a Ctrl-C here is a signal for agentbox: it goes to the
-    // supervisor, as for `agentbox attach`.
-    let forwarding =
-        (!args.tty).then(|| tokio::spawn(detach::forward_signals_to(supervisor.pid())));
+    // SIGINT and SIGTERM that reach this client go to the supervisor, as for `agentbox attach`:
+    // without a terminal of its own a Ctrl-C here is one; with one it comes from elsewhere.
+    let forwarding = detach::SignalForwarding::start(supervisor.pid());
     let session = Session {
         runtime: &*runtime,
         target: Target::Container(&container),
@@ -396,16 +395,12 @@ async fn interactive_run(
         input: Some(attached.input),
         tty: args.tty,
         detach: detach_keys.watch_if_terminal(),
+        signals_passed_on: forwarding.is_some(),
     };
-    let ended = session.run().await;
-    let ended = ended?;
+    let ended = session.run().await?;
     let ws = context.workspace().map_err(fail)?;
     let name = task_name(task, EXIT_AGENTBOX_FAILED)?;
-    let code = super::attach::after_session(&ws, &name, ended).await;
-    if let Some(forwarding) = forwarding {
-        forwarding.abort();
-    }
-    code
+    super::attach::after_session(&ws, &name, ended, forwarding.as_ref()).await
 }
 
 async fn print_events(

@@ -2,9 +2,10 @@
 //!
 //! Raw mode comes from `rustix::termios` (already a dependency, for processes and files): a guard
 //! sets it and puts the saved settings back when it is dropped — on a normal return, on an error
-//! (`?`), and while a panic unwinds. Signals that would end agentbox while the terminal is raw
-//! (SIGTERM, SIGHUP) are caught by the session, which returns so the guard runs; SIGINT is not
-//! generated in raw mode (Ctrl-C is a byte for the program inside).
+//! (`?`), and while a panic unwinds. Signals whose default action would end agentbox while the
+//! terminal is raw (SIGINT, SIGQUIT, SIGTERM, SIGHUP: raw mode stops the terminal from sending
+//! them, but `kill` and a closed terminal still do) are caught before raw mode begins: the session
+//! returns or goes on, and the guard runs either way.
 
 use std::io::{self, IsTerminal};
 use std::os::fd::AsFd;

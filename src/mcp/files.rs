@@ -5,7 +5,7 @@
 //! A path with `..` or an absolute one is refused before anything is opened; a symlink on the way
 //! or at the end is refused whatever it points to (the task may have planted it to lead the host
 //! out of the worktree); nothing but a regular file is read or replaced. The worktree's `.git` (the
-//! task's link to its git dir) is not the tools' to touch.
+//! task's link to its git dir) and any `.git` below it are not the tools' to touch.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -113,9 +113,14 @@ fn checked(path: &str) -> Result<PathBuf, ToolError> {
             }
         }
     }
-    if clean.components().next() == Some(Component::Normal(".git".as_ref())) {
+    // The worktree's `.git` (the task's link to its git dir, or whatever the task put in its
+    // place) and any repository's git dir below it: what git reads there, it obeys.
+    if clean
+        .components()
+        .any(|part| part.as_os_str().eq_ignore_ascii_case(".git"))
+    {
         return Err(ToolError::new(format!(
-            "path {path:?} is the task's link to its git dir; use task_run with git instead"
+            "path {path:?} is in a git dir or is the task's link to one; use task_run with git instead"
         )));
     }
     Ok(clean)
@@ -321,12 +326,18 @@ impl Server {
         let recursive = params.recursive;
         let shown = base.clone();
         let (entries, truncated) = self
-            .in_worktree(&params.task, move |dir, _| {
-                let start = dir.dir(&base, false)?;
+            .in_worktree(&params.task, move |root, _| {
                 let mut entries = Vec::new();
-                let mut pending = vec![(start, base.clone())];
+                // Directories still to list, by path: each is opened (walked again from the root,
+                // without following a symlink) when its turn comes, so a tree of many directories
+                // does not hold a descriptor for each at once.
+                let mut pending = vec![base.clone()];
                 let mut truncated = false;
-                while let Some((dir, at)) = pending.pop() {
+                while let Some(at) = pending.pop() {
+                    if truncated {
+                        break;
+                    }
+                    let dir = root.dir(&at, false)?;
                     let mut found = dir.entries()?;
                     found.sort_by(|a, b| a.0.cmp(&b.0));
                     for (name, kind) in found {
@@ -343,8 +354,11 @@ impl Server {
                         let size = (kind == FileType::RegularFile)
                             .then(|| dir.stat(name_path).ok().flatten().map(|e| e.size))
                             .flatten();
-                        if recursive && kind == FileType::Directory && name != ".git" {
-                            pending.push((dir.dir(name_path, false)?, path.clone()));
+                        if recursive
+                            && kind == FileType::Directory
+                            && !name.eq_ignore_ascii_case(".git")
+                        {
+                            pending.push(path.clone());
                         }
                         entries.push(ListedEntry {
                             path: path.display().to_string(),
@@ -418,7 +432,15 @@ mod tests {
 
     #[test]
     fn paths_that_leave_the_worktree_are_refused_before_anything_is_opened() {
-        for bad in ["../x", "a/../../x", "/etc/passwd", ".git/config", "./.git"] {
+        for bad in [
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            ".git/config",
+            "./.git",
+            "vendor/lib/.git/hooks/pre-commit",
+            ".GIT/config",
+        ] {
             assert!(checked(bad).is_err(), "{bad} must be refused");
         }
         assert_eq!(checked("./a/b.txt").unwrap(), PathBuf::from("a/b.txt"));

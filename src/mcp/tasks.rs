@@ -375,6 +375,22 @@ impl Server {
             )));
         }
         let record = self.running(&task)?;
+        // A service is part of the task's sandbox: it gets what a service of agentbox.toml gets,
+        // the task's limits, and cannot be where the task has no network to reach it by.
+        let sandbox = record.sandbox.ok_or_else(|| {
+            ToolError::new(format!(
+                "task {task} was started by an older agentbox, which did not record its limits and network; a service would run without them"
+            ))
+            .hint(format!(
+                "task_stop and task_create with name {task} start it again on its branch"
+            ))
+        })?;
+        if sandbox.no_network {
+            return Err(ToolError::new(format!(
+                "task {task} has no network (--network none), so a service would be out of its reach; nothing was started"
+            ))
+            .hint("a task started with network bridge (the default) can have services"));
+        }
         let container = record.container_id.clone().unwrap_or_default();
         let ws = self.ws();
         let runtime = self.runtime();
@@ -452,10 +468,7 @@ impl Server {
                 name: network.clone(),
                 aliases: vec![service.clone()],
             },
-            limits: crate::runtime::Limits {
-                pids: Some(crate::supervisor::DEFAULT_PIDS_LIMIT),
-                ..Default::default()
-            },
+            limits: sandbox.container_limits(),
             ..ContainerSpec::default()
         };
         let started = async {

@@ -413,5 +413,6 @@ fn record_for_leftovers(ws: &Workspace, task: &TaskName) -> TaskRecord {
         tty: false,
         stdin: false,
         idle: false,
+        sandbox: None,
     }
 }

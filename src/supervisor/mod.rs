@@ -40,13 +40,13 @@ pub use request::{
     RunEvent, RunOutcome, RunRequest, RunSummary, StopLevel, StopSignal,
 };
 
-use crate::config::EnvVar;
+use crate::config::{EnvVar, NetworkSetting};
 use crate::environment;
 use crate::git::{Identity, TaskDirs};
 use crate::ports::Owner;
 use crate::runtime::{Runtime, Sandbox};
 use crate::state::TaskClaim;
-use crate::task::{TaskName, TaskRecord, TaskState};
+use crate::task::{SandboxLimits, TaskName, TaskRecord, TaskState};
 use crate::workspace::Workspace;
 use plan::all_port_mappings;
 pub use plan::{DescribedMount, Description, describe};
@@ -186,6 +186,12 @@ pub async fn run(
         tty: request.interactive.tty,
         stdin: request.interactive.stdin,
         idle: request.idle,
+        sandbox: Some(SandboxLimits {
+            memory_bytes: request.limits.memory_bytes,
+            nano_cpus: request.limits.nano_cpus,
+            pids: request.limits.pids,
+            no_network: request.network == NetworkSetting::None,
+        }),
     };
     if let Err(e) = ws.state.save(&record).await {
         let _ = ws.ports.release_off_runtime(&owner).await;
