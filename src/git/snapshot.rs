@@ -312,11 +312,7 @@ async fn stage(
 /// and none is read. Also returns the untracked directories git lists as a whole (`dir/`): git
 /// does that for a repository inside the worktree. Submodules are not looked into (git would
 /// start a git inside them).
-async fn large_changes(
-    git: &Git,
-    worktree: &Path,
-    limit: u64,
-) -> Result<Changes, GitError> {
+async fn large_changes(git: &Git, worktree: &Path, limit: u64) -> Result<Changes, GitError> {
     let (others, modified) = tokio::join!(
         git.run(&["ls-files", "-z", "--others", "--exclude-standard"]),
         git.run(&["diff-files", "-z", "--name-only", "--ignore-submodules=all"])
