@@ -412,6 +412,12 @@ pub trait Runtime: Send + Sync {
     /// SIGKILL now. A container that is not running is not an error.
     async fn kill(&self, container: &str) -> Result<(), RuntimeError>;
 
+    /// SIGKILL now, returning once no process of the container is left; the engine may still be
+    /// finishing with the container (its network, its state), which may look running a while yet.
+    async fn kill_processes(&self, container: &str) -> Result<(), RuntimeError> {
+        self.kill(container).await
+    }
+
     /// Removes a container, killing it first if it still runs; one that is gone is not an error.
     async fn remove_container(&self, container: &str) -> Result<(), RuntimeError>;
 

@@ -22,6 +22,24 @@ use crate::runtime::{
     SHARED_LABEL, Sandbox, SandboxPlan, StartError, wrap_with_setup,
 };
 
+/// The kernel's list of the processes of container `id` (its full id): its cgroup's
+/// `cgroup.procs`, where the engine's cgroupfs or systemd driver puts it under cgroup v1 or v2.
+/// `None` where none is found (agentbox in a container of its own, another layout).
+fn process_list_of(id: &str) -> Option<std::path::PathBuf> {
+    if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    [
+        format!("/sys/fs/cgroup/pids/docker/{id}"),
+        format!("/sys/fs/cgroup/pids/system.slice/docker-{id}.scope"),
+        format!("/sys/fs/cgroup/system.slice/docker-{id}.scope"),
+        format!("/sys/fs/cgroup/docker/{id}"),
+    ]
+    .into_iter()
+    .map(|dir| std::path::Path::new(&dir).join("cgroup.procs"))
+    .find(|procs| procs.is_file())
+}
+
 /// The engine address used when the caller names none (`DOCKER_HOST` unset).
 pub const DEFAULT_ADDRESS: &str = "unix:///var/run/docker.sock";
 
@@ -576,6 +594,35 @@ impl Runtime for DockerEngine {
             // 409: not running any more; 404: gone.
             Err(e) if is_status(&e, &[404, 409]) => Ok(()),
             Err(e) => Err(api("killing container", container)(e)),
+        }
+    }
+
+    async fn kill_processes(&self, container: &str) -> Result<(), RuntimeError> {
+        let Some(procs) = process_list_of(container) else {
+            return self.kill(container).await;
+        };
+        // The engine answers a kill only once it has also taken the container's network down;
+        // the processes are gone well before, and the kernel's list of them says so.
+        let engine = self.clone();
+        let id = container.to_owned();
+        let mut kill = tokio::spawn(async move { engine.kill(&id).await });
+        loop {
+            tokio::select! {
+                killed = &mut kill => {
+                    return killed.unwrap_or_else(|e| Err(RuntimeError::Api {
+                        action: "killing container",
+                        target: container.to_owned(),
+                        source: e.into(),
+                    }));
+                }
+                () = tokio::time::sleep(Duration::from_millis(2)) => {
+                    // A cgroup that is gone holds no process.
+                    let listed = std::fs::read(&procs).unwrap_or_default();
+                    if listed.iter().all(u8::is_ascii_whitespace) {
+                        return Ok(());
+                    }
+                }
+            }
         }
     }
 

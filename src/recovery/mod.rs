@@ -185,6 +185,7 @@ pub async fn reconcile(
             ending: Ending::Recovered,
             discard_unsaved: false,
             defer_deletion: false,
+            processes_gone: Vec::new(),
         };
         let mut count = |step: &Step| {
             summary.steps += 1;
@@ -317,6 +318,7 @@ async fn recover_one(
         ending: Ending::Recovered,
         discard_unsaved: how.discard_unsaved,
         defer_deletion: false,
+        processes_gone: Vec::new(),
     };
     let report = teardown::tear_down(
         ws,

@@ -34,6 +34,7 @@ impl Supervised<'_> {
             ending: Ending::Exited,
             discard_unsaved: false,
             defer_deletion: self.request.defer_deletion,
+            processes_gone: std::mem::take(&mut self.processes_gone),
         };
         let report = teardown::tear_down(
             self.ws,

@@ -211,6 +211,7 @@ pub async fn run(
         stop,
         claim: std::sync::Arc::new(claim),
         start: existing_tip.unwrap_or(base_id),
+        processes_gone: Vec::new(),
     };
     match slot {
         Some((slot, claim)) => match run.adopt(&slot, claim).await {
@@ -269,6 +270,9 @@ struct Supervised<'a> {
     claim: std::sync::Arc<TaskClaim>,
     /// The commit the worktree is checked out at.
     start: gix::ObjectId,
+    /// Containers whose processes were killed and seen gone (a pool slot's, once its command
+    /// ended), for the teardown not to stop them again.
+    processes_gone: Vec<String>,
 }
 
 /// A creation step that failed, with what existed at that point for the rollback to undo.

@@ -175,8 +175,15 @@ impl Supervised<'_> {
                 // engine does not say it; the memory cgroup does.
                 exit.oom_killed = self.was_oom_killed(&container_id).await;
             }
-            // What is left in a slot's container after its command is its idle process.
-            let _ = self.runtime.kill(&container_id).await;
+            // What is left in a slot's container after its command is its idle process. Once
+            // none of its processes is left the work is safe; but a published port stays the
+            // engine's until it is done with the container, and the teardown gives the task's
+            // ports back to the next task.
+            if !self.record.ports.is_empty() {
+                let _ = self.runtime.kill(&container_id).await;
+            } else if self.runtime.kill_processes(&container_id).await.is_ok() {
+                self.processes_gone.push(container_id.clone());
+            }
         }
         // The output stream ends when the container stops; drain it so the log is complete.
         if wait_error.is_none() {

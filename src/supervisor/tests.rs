@@ -437,6 +437,7 @@ fn teardown_options(ending: Ending) -> teardown::Options {
         ending,
         discard_unsaved: false,
         defer_deletion: false,
+        processes_gone: Vec::new(),
     }
 }
 

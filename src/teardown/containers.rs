@@ -136,7 +136,7 @@ impl Run<'_> {
         let dry_run = self.options.dry_run;
         let mut all_stopped = true;
         for container in containers {
-            if container.running {
+            if container.running && !self.options.processes_gone.contains(&container.id) {
                 let result = if dry_run {
                     Ok(None)
                 } else {

@@ -209,6 +209,9 @@ pub struct Options {
     /// and listed in a manifest ([`Report::trash`]), and the teardown returns as soon as the work
     /// is safe, however many files they hold.
     pub defer_deletion: bool,
+    /// Containers whose processes the caller killed and saw gone, which the engine may still show
+    /// running: they are not stopped again.
+    pub processes_gone: Vec<String>,
 }
 
 /// What a teardown did.
