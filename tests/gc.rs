@@ -470,3 +470,27 @@ fn a_damaged_record_is_named_by_ls_gc_and_rm_and_stops_no_other_task() {
     env.output(["rm", "fine"]).expect_code(0);
     assert!(damaged.exists(), "the damaged record is left for the user");
 }
+
+#[test]
+fn a_file_name_the_task_chose_reaches_gcs_messages_escaped() {
+    let env = TestEnv::new("gc-esc-name");
+    crash(&env, "esc");
+    let wt = env.worktree_path("esc");
+    env.git_in(&wt, ["commit", "-q", "--allow-empty", "-m", "unimported"]);
+    let objects = env.task_git_dir("esc").join("objects");
+    // A title change and a screen clear in the name of a link the import refuses to follow.
+    std::os::unix::fs::symlink(
+        "/etc/passwd",
+        objects.join("pack/pack-\u{1b}]0;pwned\u{7}\u{1b}[2J.pack"),
+    )
+    .unwrap();
+    let gc = env.output(["gc", "--stop-timeout", "5"]);
+    gc.expect_code(1);
+    gc.expect_stderr_contains("tampered");
+    gc.expect_stderr_contains("pwned");
+    assert!(
+        !gc.stderr.contains('\u{1b}') && !gc.stdout.contains('\u{1b}'),
+        "no escape sequence reaches the terminal raw\n{gc}"
+    );
+    env.output(["rm", "-f", "esc"]).expect_code(0);
+}

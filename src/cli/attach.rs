@@ -88,7 +88,7 @@ fn pass_on(ws: &Workspace, task: &TaskName, received: StopSignal, first: bool) {
         Ok(()) => eprintln!("agentbox: killing task {task}"),
         // It ended meanwhile; the follower returns by itself.
         Err(ControlError::NotRunning { .. }) => {}
-        Err(e) => eprintln!("agentbox: error: {e}"),
+        Err(e) => super::say(&format!("agentbox: error: {e}")),
     }
 }
 

@@ -266,9 +266,9 @@ pub async fn report_started(
                 let mut out = io::stdout().lock();
                 let _ = writeln!(out, "{STARTED}").and_then(|()| out.flush());
             }
-            RunEvent::StartFailed { message } => {
-                eprintln!("agentbox: the command could not be started: {message}")
-            }
+            RunEvent::StartFailed { message } => super::say(&format!(
+                "agentbox: the command could not be started: {message}"
+            )),
             _ => {}
         }
     }

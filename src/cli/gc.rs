@@ -41,7 +41,7 @@ pub async fn gc(context: &Context, args: Args) -> Result<u8, CommandError> {
             eprintln!("agentbox: {}", describe(action));
         }
         if let Some(error) = &action.error {
-            eprintln!("agentbox: error: {error}");
+            super::say(&format!("agentbox: error: {error}"));
         }
     };
     let summary = recovery::reconcile(&ws, &*runtime, &options, &mut report)
@@ -72,7 +72,7 @@ pub async fn gc(context: &Context, args: Args) -> Result<u8, CommandError> {
     }
     // Named on stderr even with --json: a damaged record is not a step.
     for damaged in &summary.damaged {
-        eprintln!("agentbox: error: {damaged}");
+        super::say(&format!("agentbox: error: {damaged}"));
     }
     if summary.failed > 0 {
         return Err(failed(format!(
@@ -142,7 +142,9 @@ pub(super) async fn recover_left_behind(ws: &agentbox::Workspace, runtime: &dyn 
         Ok(false) => return,
         Ok(true) => {}
         Err(e) => {
-            eprintln!("agentbox: warning: cannot look for tasks left behind: {e}");
+            super::say(&format!(
+                "agentbox: warning: cannot look for tasks left behind: {e}"
+            ));
             return;
         }
     }
@@ -152,15 +154,17 @@ pub(super) async fn recover_left_behind(ws: &agentbox::Workspace, runtime: &dyn 
         max_file_size: DEFAULT_MAX_SNAPSHOT_FILE,
     };
     let mut report = |action: &Step| match &action.error {
-        None => eprintln!("agentbox: recovered: {}", describe(action)),
-        Some(error) => eprintln!("agentbox: warning: {error}"),
+        None => super::say(&format!("agentbox: recovered: {}", describe(action))),
+        Some(error) => super::say(&format!("agentbox: warning: {error}")),
     };
     match recovery::reconcile(ws, runtime, &options, &mut report).await {
         Ok(summary) => {
             for damaged in &summary.damaged {
-                eprintln!("agentbox: warning: {damaged}");
+                super::say(&format!("agentbox: warning: {damaged}"));
             }
         }
-        Err(e) => eprintln!("agentbox: warning: cleaning up tasks left behind failed: {e}"),
+        Err(e) => super::say(&format!(
+            "agentbox: warning: cleaning up tasks left behind failed: {e}"
+        )),
     }
 }

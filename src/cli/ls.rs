@@ -62,7 +62,7 @@ pub fn ls(context: &Context, args: Args) -> Result<u8, CommandError> {
     write_stdout(out.as_bytes())?;
     // The tasks that could be read are listed all the same; each one that could not is named.
     for error in &damaged {
-        eprintln!("agentbox: error: {error}");
+        super::say(&format!("agentbox: error: {error}"));
     }
     Ok(if damaged.is_empty() { 0 } else { EXIT_ERROR })
 }

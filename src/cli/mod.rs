@@ -198,6 +198,14 @@ impl CommandError {
     }
 }
 
+/// Writes `line` and a newline to stderr, shown safely: agentbox's words that may quote what a
+/// task chose (an error about its files, its refs, its output).
+fn say(line: &str) {
+    let text = format!("{line}\n");
+    let shown = sanitize_text(text.as_bytes(), Colours::Show);
+    let _ = io::stderr().lock().write_all(shown.as_bytes());
+}
+
 /// Failures of everything but `run`.
 fn failed(error: impl Into<Box<dyn Error + Send + Sync>>) -> CommandError {
     CommandError::new(error, EXIT_ERROR)
@@ -389,7 +397,7 @@ impl Context {
                     "commit or stash them first (refuse_dirty_checkout in agentbox.toml asks for a clean checkout)",
                 ));
             }
-            eprintln!("agentbox: {message}");
+            say(&format!("agentbox: {message}"));
         }
         let runtime = runtime.map_err(|e| fail(e.into()))?;
         Ok((ws, config, runtime))

@@ -75,7 +75,9 @@ fn status(context: &Context, json: bool) -> Result<u8, CommandError> {
     }
     let refill = std::fs::read_to_string(pool::refill_log(&ws)).unwrap_or_default();
     if let Some(error) = refill.lines().find(|l| l.starts_with("agentbox: error")) {
-        eprintln!("agentbox: the last refill in the background failed: {error}");
+        super::say(&format!(
+            "agentbox: the last refill in the background failed: {error}"
+        ));
     }
     write_stdout(out.as_bytes())?;
     Ok(0)

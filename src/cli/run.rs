@@ -428,7 +428,7 @@ async fn print_events(
                 );
             }
             RunEvent::Stopping { immediate: true } => eprintln!("agentbox: killing the task"),
-            RunEvent::StartFailed { message } => eprintln!("agentbox: {message}"),
+            RunEvent::StartFailed { message } => super::say(&format!("agentbox: {message}")),
             RunEvent::Created {
                 ports, from_pool, ..
             } => {
