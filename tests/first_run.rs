@@ -109,6 +109,11 @@ fn uncommitted_changes_of_the_checkout_are_pointed_out_or_refused() {
         ["hello"],
         "the task sees the committed file"
     );
+    assert!(
+        out.stderr
+            .starts_with("agentbox: your checkout has uncommitted changes"),
+        "said before anything of the task\n{out}"
+    );
 
     let explicit = env.output(["run", "t2", "--base", "main", "--", "true"]);
     explicit.expect_code(0);

@@ -60,7 +60,7 @@ pub async fn batch(context: &Context, args: Args) -> Result<u8, CommandError> {
         .iter()
         .any(|t| t.base.is_none())
         .then_some("tasks without a base start");
-    let (ws, config, runtime) = context.prepare_runs(None, from_head).await?;
+    let (ws, config, runtime, _) = context.prepare_runs(None, from_head, false).await?;
     let mut requests: Vec<RunRequest> = tasks
         .iter()
         .map(|task| {

@@ -198,6 +198,36 @@ impl CommandError {
     }
 }
 
+/// The warning that tasks starting from `HEAD` miss the checkout's uncommitted changes, when they
+/// would.
+async fn dirty_look(repo: agentbox::git::Repo, tasks: String) -> Option<String> {
+    if !repo.checkout_is_dirty().await.unwrap_or(false) {
+        return None;
+    }
+    let head = repo.head_name();
+    let id = repo
+        .resolve_commit(&head)
+        .map(|id| id.to_hex_with_len(7).to_string())
+        .unwrap_or_default();
+    Some(format!(
+        "your checkout has uncommitted changes; {tasks} from {head} ({id}) without them"
+    ))
+}
+
+/// A look at the checkout still going on beside a run (see [`Context::prepare_runs`]).
+pub(crate) struct DirtyLook(Option<tokio::task::JoinHandle<Option<String>>>);
+
+impl DirtyLook {
+    /// Says the look's warning, if it has one, once the look is done.
+    async fn say(self) {
+        if let Some(look) = self.0
+            && let Ok(Some(message)) = look.await
+        {
+            say(&format!("agentbox: {message}"));
+        }
+    }
+}
+
 /// Writes `line` and a newline to stderr, shown safely: agentbox's words that may quote what a
 /// task chose (an error about its files, its refs, its output).
 fn say(line: &str) {
@@ -356,7 +386,8 @@ impl Context {
         &self,
         worktree_root: Option<&Path>,
         from_head: Option<&str>,
-    ) -> Result<(Workspace, ProjectConfig, Arc<dyn Runtime>), CommandError> {
+        defer_look: bool,
+    ) -> Result<(Workspace, ProjectConfig, Arc<dyn Runtime>, DirtyLook), CommandError> {
         let fail = |e: Box<dyn Error + Send + Sync>| CommandError::new(e, EXIT_AGENTBOX_FAILED);
         let mut ws = self.workspace().map_err(|e| fail(e.into()))?;
         let config = ws.load_config().map_err(|e| fail(e.into()))?;
@@ -366,12 +397,21 @@ impl Context {
             let project_root = ws.project_root().to_owned();
             ws.set_worktree_root(root, &project_root);
         }
+        let look = from_head.map(|tasks| dirty_look(ws.repo.clone(), tasks.to_owned()));
+        // `git status` of a large checkout takes longer than anything else here: unless its answer
+        // can stop the run, it goes on beside the task's creation, and the caller says it later.
+        if defer_look && !config.refuse_dirty_checkout {
+            let deferred = DirtyLook(look.map(tokio::spawn));
+            let runtime = self.runtime().await.map_err(|e| fail(e.into()))?;
+            gc::recover_left_behind(&ws, &*runtime).await;
+            return Ok((ws, config, runtime, deferred));
+        }
         // The look at the checkout overlaps with the engine's handshake and the cleanup after
         // dead supervisors.
         let dirty = async {
-            match from_head {
-                Some(_) => ws.repo.checkout_is_dirty().await.unwrap_or(false),
-                None => false,
+            match look {
+                Some(look) => look.await,
+                None => None,
             }
         };
         let connected = async {
@@ -380,18 +420,7 @@ impl Context {
             Ok::<_, agentbox::runtime::RuntimeError>(runtime)
         };
         let (dirty, runtime) = tokio::join!(dirty, connected);
-        if let Some(tasks) = from_head
-            && dirty
-        {
-            let head = ws.repo.head_name();
-            let id = ws
-                .repo
-                .resolve_commit(&head)
-                .map(|id| id.to_hex_with_len(7).to_string())
-                .unwrap_or_default();
-            let message = format!(
-                "your checkout has uncommitted changes; {tasks} from {head} ({id}) without them"
-            );
+        if let Some(message) = dirty {
             if config.refuse_dirty_checkout {
                 return Err(CommandError::new(message, EXIT_AGENTBOX_FAILED).with_hint(
                     "commit or stash them first (refuse_dirty_checkout in agentbox.toml asks for a clean checkout)",
@@ -400,7 +429,7 @@ impl Context {
             say(&format!("agentbox: {message}"));
         }
         let runtime = runtime.map_err(|e| fail(e.into()))?;
-        Ok((ws, config, runtime))
+        Ok((ws, config, runtime, DirtyLook(None)))
     }
 }
 

@@ -86,7 +86,7 @@ fn status(context: &Context, json: bool) -> Result<u8, CommandError> {
 async fn fill(context: &Context, count: Option<usize>, raw: &[String]) -> Result<u8, CommandError> {
     let fail =
         |e: Box<dyn std::error::Error + Send + Sync>| CommandError::new(e, EXIT_AGENTBOX_FAILED);
-    let (ws, config, runtime) = context.prepare_runs(None, None).await?;
+    let (ws, config, runtime, _) = context.prepare_runs(None, None, false).await?;
     let count = count.unwrap_or(config.pool.size);
     if count == 0 {
         return Err(fail(

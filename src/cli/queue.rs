@@ -64,9 +64,9 @@ pub async fn queue(context: &Context, args: Args) -> Result<u8, CommandError> {
         exit_code: EXIT_ERROR,
         ..e
     })?;
-    let (ws, config, runtime) =
+    let (ws, config, runtime, _) =
         context
-            .prepare_runs(None, None)
+            .prepare_runs(None, None, false)
             .await
             .map_err(|e| CommandError {
                 exit_code: EXIT_ERROR,

@@ -236,8 +236,12 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         .base
         .is_none()
         .then(|| format!("task {task} starts"));
-    let (ws, config, runtime) = context
-        .prepare_runs(args.options.worktree_root.as_deref(), from_head.as_deref())
+    let (ws, config, runtime, dirty_look) = context
+        .prepare_runs(
+            args.options.worktree_root.as_deref(),
+            from_head.as_deref(),
+            !background && !args.dry_run,
+        )
         .await?;
 
     let from_config = context.default_request(task, &config, &ws);
@@ -310,7 +314,7 @@ pub async fn run(context: &Context, args: Args) -> Result<u8, CommandError> {
         let say_created = args.interactive && !args.detach;
         tokio::spawn(detach::report_started(events_rx, say_created, refill))
     } else {
-        tokio::spawn(print_events(events_rx, refill))
+        tokio::spawn(print_events(events_rx, refill, dirty_look))
     };
 
     let result = supervisor::run(&ws, &*runtime, request, events_tx, stop_rx).await;
@@ -406,8 +410,14 @@ async fn interactive_run(
 async fn print_events(
     mut events: mpsc::Receiver<RunEvent>,
     mut on_started: Option<Box<dyn FnOnce() + Send>>,
+    dirty_look: super::DirtyLook,
 ) {
+    // Said before anything of the task: by the time its sandbox exists, the look is done.
+    let mut dirty_look = Some(dirty_look);
     while let Some(event) = events.recv().await {
+        if let Some(look) = dirty_look.take() {
+            look.say().await;
+        }
         match event {
             RunEvent::Output(Output::Stdout(bytes)) => {
                 let mut out = std::io::stdout().lock();
@@ -450,6 +460,10 @@ async fn print_events(
             }
             RunEvent::Exited { .. } | RunEvent::OutOfMemory { .. } => {}
         }
+    }
+    // A run that failed before any event still says it.
+    if let Some(look) = dirty_look {
+        look.say().await;
     }
 }
 
