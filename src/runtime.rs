@@ -72,7 +72,7 @@ pub enum StartError {
 }
 
 /// Resource limits of one container. `None` is no limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     pub memory_bytes: Option<u64>,
     /// CPUs in billionths (`--cpus 1.5` is 1_500_000_000).

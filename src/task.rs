@@ -231,22 +231,10 @@ pub struct TaskRecord {
 /// the task gets the same limits, and none can join a task without a network.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxLimits {
-    pub memory_bytes: Option<u64>,
-    /// CPUs in billionths.
-    pub nano_cpus: Option<u64>,
-    pub pids: Option<u64>,
+    #[serde(flatten)]
+    pub limits: crate::runtime::Limits,
     /// `--network none`: loopback only.
     pub no_network: bool,
-}
-
-impl SandboxLimits {
-    pub fn container_limits(&self) -> crate::runtime::Limits {
-        crate::runtime::Limits {
-            memory_bytes: self.memory_bytes,
-            nano_cpus: self.nano_cpus,
-            pids: self.pids,
-        }
-    }
 }
 
 #[cfg(test)]

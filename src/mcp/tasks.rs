@@ -468,7 +468,7 @@ impl Server {
                 name: network.clone(),
                 aliases: vec![service.clone()],
             },
-            limits: sandbox.container_limits(),
+            limits: sandbox.limits,
             ..ContainerSpec::default()
         };
         let started = async {

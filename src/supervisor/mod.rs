@@ -187,9 +187,7 @@ pub async fn run(
         stdin: request.interactive.stdin,
         idle: request.idle,
         sandbox: Some(SandboxLimits {
-            memory_bytes: request.limits.memory_bytes,
-            nano_cpus: request.limits.nano_cpus,
-            pids: request.limits.pids,
+            limits: request.limits,
             no_network: request.network == NetworkSetting::None,
         }),
     };
