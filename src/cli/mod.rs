@@ -192,9 +192,7 @@ impl CommandError {
     /// Writes the error to stderr, shown safely: a message can quote what a task chose (a file
     /// name of a conflict, git's or a hook's words about the task's files).
     pub fn report(&self) {
-        let text = self.render();
-        let shown = sanitize_text(text.as_bytes(), Colours::Show);
-        let _ = io::stderr().lock().write_all(shown.as_bytes());
+        write_shown(&self.render());
     }
 }
 
@@ -231,7 +229,11 @@ impl DirtyLook {
 /// Writes `line` and a newline to stderr, shown safely: agentbox's words that may quote what a
 /// task chose (an error about its files, its refs, its output).
 fn say(line: &str) {
-    let text = format!("{line}\n");
+    write_shown(&format!("{line}\n"));
+}
+
+/// Writes `text` to stderr with its control sequences shown, not obeyed.
+fn write_shown(text: &str) {
     let shown = sanitize_text(text.as_bytes(), Colours::Show);
     let _ = io::stderr().lock().write_all(shown.as_bytes());
 }

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use agentbox::config::{Bytes, Cpus, EnvVar, NetworkSetting, parse_env_file};
 use agentbox::git::snapshot::LeftOutKind;
-use agentbox::output::sanitize::{Colours, sanitize_name, sanitize_text};
+use agentbox::output::sanitize::sanitize_name;
 use agentbox::runtime::Output;
 use agentbox::supervisor::{self, Interactive, RunEvent, RunOutcome, RunRequest, StopLevel};
 use tokio::sync::{mpsc, watch};
@@ -428,10 +428,7 @@ async fn print_events(
                 let _ = err.write_all(&bytes).and_then(|()| err.flush());
             }
             RunEvent::Output(Output::NotStarted { .. }) => {}
-            RunEvent::Warning { message } => eprintln!(
-                "agentbox: warning: {}",
-                sanitize_text(message.as_bytes(), Colours::Show)
-            ),
+            RunEvent::Warning { message } => super::say(&format!("agentbox: warning: {message}")),
             RunEvent::Stopping { immediate: false } => {
                 eprintln!(
                     "agentbox: stopping the task gracefully (interrupt again to kill it now)"
@@ -501,10 +498,7 @@ fn report(outcome: &RunOutcome) -> u8 {
         );
     }
     for problem in &summary.problems {
-        eprintln!(
-            "agentbox: warning: {}",
-            sanitize_text(problem.as_bytes(), Colours::Show)
-        );
+        super::say(&format!("agentbox: warning: {problem}"));
     }
     let (nested, large): (Vec<_>, Vec<_>) = summary
         .left_out
