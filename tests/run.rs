@@ -365,6 +365,65 @@ fn non_executable_command_exits_126() {
     env.assert_torn_down("noexec");
 }
 
+/// A task's container starts while its worktree is checked out, and waits behind a gate (its
+/// stdin, read by the image's shell) until the worktree is ready. An image without `/bin/sh`
+/// cannot wait that way: its container starts after the checkout, and the task works the same.
+#[test]
+fn an_image_without_a_shell_runs_its_command_after_the_checkout() {
+    ensure_tools_image();
+    let env = TestEnv::new("no-shell");
+    let image = format!("agentbox-test/no-shell:{}", env.id);
+    let dockerfile = format!(
+        "FROM scratch\nCOPY --from={TOOLS_IMAGE} /usr/local/bin/busybox /busybox\nLABEL {TEST_LABEL}={}\n",
+        env.id
+    );
+    let mut build = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", &image, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut build.stdin.take().unwrap(), dockerfile.as_bytes()).unwrap();
+    assert!(build.wait().unwrap().success(), "docker build {image}");
+
+    let out = env.output([
+        "run",
+        "--image",
+        &image,
+        "plain",
+        "--",
+        "/busybox",
+        "cp",
+        "README.md",
+        "copied.txt",
+    ]);
+    out.expect_code(0);
+    assert_eq!(
+        env.file_at("agentbox/plain", "copied.txt"),
+        env.file_at("main", "README.md"),
+        "the command saw the checked-out worktree\n{out}"
+    );
+    env.assert_torn_down("plain");
+
+    let out = env.output(["run", "--image", &image, "missing", "--", "make"]);
+    out.expect_code(127);
+    out.expect_stderr_contains(&format!(
+        "agentbox: command not found in image {image}: make"
+    ));
+    env.assert_torn_down("missing");
+}
+
+/// The gate is the container's stdin, but what the command reads there is nothing: a command that
+/// reads its stdin ends at once, as it did before there was a gate.
+#[test]
+fn a_gated_command_reads_an_empty_stdin() {
+    let env = TestEnv::new("gate-stdin");
+    let out = env.output(["run", "reads", "--", "sh", "-c", "cat; echo read-$?"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout, "read-0\n", "{out}");
+    env.assert_torn_down("reads");
+}
+
 #[test]
 fn without_command_the_image_default_runs() {
     let env = TestEnv::new("default-cmd");

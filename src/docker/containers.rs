@@ -54,6 +54,23 @@ impl DockerEngine {
         }
     }
 
+    /// Whether the container's filesystem has `/bin/sh` (which a wrapped command needs), asked
+    /// of the engine before the container starts.
+    pub(super) async fn has_shell(&self, id: &str) -> Result<bool, RuntimeError> {
+        let options = bollard::query_parameters::ContainerArchiveInfoOptions {
+            path: "/bin/sh".to_owned(),
+        };
+        match self
+            .docker
+            .get_container_archive_info(id, Some(options))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_status(&e, &[404]) => Ok(false),
+            Err(e) => Err(api("looking for /bin/sh in container", id)(e)),
+        }
+    }
+
     pub(super) async fn start_container(&self, id: &str) -> Result<(), StartError> {
         match self.docker.start_container(id, None).await {
             Ok(()) => Ok(()),

@@ -324,14 +324,10 @@ async fn make_parts(
         .await
         .map_err(|e| PoolError::Making {
             slot: slot.id.clone(),
-            source: Box::new(crate::supervisor::RunError::Runtime(match e {
-                crate::runtime::StartError::Runtime(e) => e,
-                other => crate::runtime::RuntimeError::Api {
-                    action: "starting the idle command of",
-                    target: slot.container_name.clone(),
-                    source: other.to_string().into(),
-                },
-            })),
+            source: Box::new(crate::supervisor::RunError::Runtime(e.into_runtime_error(
+                "starting the idle command of",
+                &slot.container_name,
+            ))),
         })?;
     Ok(())
 }

@@ -317,6 +317,7 @@ pub(crate) fn plan(
         task: task_spec,
         setup: request.setup.clone(),
         shell_env: request.shell_env.clone(),
+        gate: false,
     };
     Ok((sandbox, env))
 }

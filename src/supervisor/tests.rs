@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -998,4 +998,89 @@ async fn a_bind_mount_from_inside_the_worktree_waits_for_the_checkout() {
     let outcome = fx.run(&fake, request).await.unwrap();
     assert_eq!(outcome.exit_code, 0);
     fx.assert_no_trace(&fake, "m");
+}
+
+/// What the task's "command" found of its worktree when it ran.
+fn records_what_the_command_finds(
+    fx: &Fixture,
+    fake: &FakeRuntime,
+    task: &str,
+) -> Arc<Mutex<Vec<String>>> {
+    let name = TaskName::parse(task).unwrap();
+    let worktree = fx.ws.worktree_path(&name);
+    let found = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&found);
+    fake.command(Arc::new(move |_| {
+        let mut seen = seen.lock().unwrap();
+        for file in ["a.txt", "dir/b.txt", ".env.agentbox"] {
+            if worktree.join(file).is_file() {
+                seen.push(file.to_owned());
+            }
+        }
+    }));
+    found
+}
+
+#[tokio::test]
+async fn a_container_started_during_the_checkout_runs_its_command_only_once_the_worktree_is_ready()
+{
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    let found = records_what_the_command_finds(&fx, &fake, "early");
+    let outcome = fx.run(&fake, fx.request("early")).await.unwrap();
+    assert_eq!(outcome.exit_code, 0);
+    assert_eq!(
+        *found.lock().unwrap(),
+        ["a.txt", "dir/b.txt", ".env.agentbox"],
+        "the command ran once, in a complete worktree"
+    );
+    let calls = fake.calls();
+    let container = calls
+        .iter()
+        .find_map(|c| c.strip_prefix("start "))
+        .expect("the container started")
+        .to_owned();
+    assert!(fake.gate_opened(&container), "{calls:?}");
+    assert!(
+        calls.contains(&format!("attach_interactive {container}")),
+        "the gate is the container's stdin: {calls:?}"
+    );
+    fx.assert_no_trace(&fake, "early");
+}
+
+#[tokio::test]
+async fn an_image_without_a_shell_starts_once_the_worktree_is_ready() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    fake.without_shell();
+    let found = records_what_the_command_finds(&fx, &fake, "plain");
+    let outcome = fx.run(&fake, fx.request("plain")).await.unwrap();
+    assert_eq!(outcome.exit_code, 0);
+    assert_eq!(
+        *found.lock().unwrap(),
+        ["a.txt", "dir/b.txt", ".env.agentbox"],
+        "started after the checkout"
+    );
+    assert!(
+        !fake
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("attach_interactive")),
+        "{:?}",
+        fake.calls()
+    );
+    fx.assert_no_trace(&fake, "plain");
+}
+
+#[tokio::test]
+async fn a_gated_container_is_removed_when_the_checkout_fails() {
+    let fx = fixture();
+    let fake = FakeRuntime::default();
+    let found = records_what_the_command_finds(&fx, &fake, "broken");
+    let mut request = fx.request("broken");
+    request.env_file_name = "dir".into();
+    let result = fx.run(&fake, request).await;
+    assert!(result.is_err(), "{result:?}");
+    assert!(found.lock().unwrap().is_empty(), "the command never ran");
+    fx.assert_no_trace(&fake, "broken");
 }
