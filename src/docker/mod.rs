@@ -53,6 +53,9 @@ pub struct DockerEngine {
     docker: Docker,
     address: String,
     host_paths: crate::runtime::host_paths::HostPaths,
+    /// Held while a shared network is looked for and made: a batch starts its tasks at once, and
+    /// each one making a network of its own would use up the engine's address pools.
+    shared_network_turn: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 fn api<'a>(
@@ -96,6 +99,7 @@ impl DockerEngine {
             docker,
             address,
             host_paths,
+            shared_network_turn: Default::default(),
         })
     }
 
@@ -283,6 +287,8 @@ impl DockerEngine {
             .iter()
             .filter_map(|key| Some(format!("{key}={}", spec.labels.get(*key)?)))
             .collect();
+        // Other processes may still race this one; the earliest network wins among them below.
+        let _turn = self.shared_network_turn.lock().await;
         if let Some((name, _)) = self.earliest_network(&labels).await? {
             return Ok(name);
         }
