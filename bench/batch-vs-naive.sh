@@ -123,7 +123,7 @@ check_a() {
 # tidy_n NAME N: counts the naive batch's failed items (prints the count) and removes what the failed
 # ones left behind (worktrees, their metadata), so that the next batch starts clean. Untimed.
 tidy_n() {
-  local name="$1" n="$2" failed wt i
+  local name="$1" n="$2" failed wt i ids
   failed="$(find "$tmp/out" -maxdepth 1 -name "$name-*.fail" | wc -l)"
   if ((failed > 0)); then
     say "naive $name: $failed of $n item(s) failed; first errors:"
@@ -136,7 +136,12 @@ tidy_n() {
     fi
   done
   git worktree prune
-  bench_remove_labelled
+  # Only the naive side's containers: the network agentbox's tasks share stays, as it does for a
+  # user between batches (removing it would charge every timed batch its creation).
+  ids="$(docker ps -a --filter "label=$label" --format '{{.ID}} {{.Label "agentbox.repo"}}' 2>/dev/null |
+    awk '$2 == "" { print $1 }' || true)"
+  # shellcheck disable=SC2086 # one id per word
+  [[ -z "$ids" ]] || docker rm -f $ids >/dev/null 2>&1 || true
   echo "$failed"
 }
 
