@@ -169,6 +169,19 @@ pub struct Healthcheck {
 }
 
 impl Healthcheck {
+    /// No healthcheck, not even the image's: for a task's container, which nothing waits on, and
+    /// which is started before the host has finished writing its worktree (a gated start, a pool
+    /// slot being moved to a task's start) — an image's check running then would race those writes.
+    pub fn disabled() -> Self {
+        Self {
+            test: vec!["NONE".to_owned()],
+            interval: Duration::ZERO,
+            timeout: Duration::ZERO,
+            retries: 0,
+            start_period: Duration::ZERO,
+        }
+    }
+
     /// How long a container may take to become healthy before agentbox gives up on it.
     pub fn patience(&self) -> Duration {
         let per_try = self.interval + self.timeout;

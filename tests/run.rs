@@ -373,18 +373,11 @@ fn an_image_without_a_shell_runs_its_command_after_the_checkout() {
     ensure_tools_image();
     let env = TestEnv::new("no-shell");
     let image = format!("agentbox-test/no-shell:{}", env.id);
-    let dockerfile = format!(
-        "FROM scratch\nCOPY --from={TOOLS_IMAGE} /usr/local/bin/busybox /busybox\nLABEL {TEST_LABEL}={}\n",
-        env.id
+    build_test_image(
+        &env,
+        &image,
+        &format!("FROM scratch\nCOPY --from={TOOLS_IMAGE} /usr/local/bin/busybox /busybox\n"),
     );
-    let mut build = std::process::Command::new("docker")
-        .args(["build", "-q", "-t", &image, "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut build.stdin.take().unwrap(), dockerfile.as_bytes()).unwrap();
-    assert!(build.wait().unwrap().success(), "docker build {image}");
 
     let out = env.output([
         "run",
@@ -411,6 +404,48 @@ fn an_image_without_a_shell_runs_its_command_after_the_checkout() {
         "agentbox: command not found in image {image}: make"
     ));
     env.assert_torn_down("missing");
+}
+
+/// Builds `image` from a Dockerfile given on stdin (no context), labelled for the test's guard.
+fn build_test_image(env: &TestEnv, image: &str, dockerfile: &str) {
+    let dockerfile = format!("{dockerfile}LABEL {TEST_LABEL}={}\n", env.id);
+    let mut build = std::process::Command::new("docker")
+        .args(["build", "-q", "-t", image, "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut build.stdin.take().unwrap(), dockerfile.as_bytes()).unwrap();
+    assert!(build.wait().unwrap().success(), "docker build {image}");
+}
+
+/// A task's container starts before the host has finished writing its worktree (behind its gate,
+/// or as a pool slot moved to the task's start), so nothing of the image may run in it then: its
+/// healthcheck, which could plant a symlink where the checkout is about to write, is off.
+#[test]
+fn an_images_healthcheck_never_runs_in_a_tasks_container() {
+    let env = TestEnv::new("no-healthcheck");
+    let image = format!("agentbox-test/healthcheck:{}", env.id);
+    build_test_image(
+        &env,
+        &image,
+        &format!("FROM {IMAGE}\nHEALTHCHECK --interval=100ms CMD touch health-ran\n"),
+    );
+    let out = env.output(["run", "--image", &image, "--keep", "checked", "--", "true"]);
+    out.expect_code(0);
+    let ids = env.containers();
+    assert_eq!(ids.len(), 1, "{out}");
+    let container = env.inspect(&ids[0]);
+    assert_eq!(
+        container["Config"]["Healthcheck"]["Test"],
+        serde_json::json!(["NONE"]),
+        "{container}"
+    );
+    assert!(
+        !env.worktree_path("checked").join("health-ran").exists(),
+        "the image's healthcheck ran"
+    );
+    env.output(["rm", "checked"]).expect_code(0);
 }
 
 /// The gate is the container's stdin, but what the command reads there is nothing: a command that

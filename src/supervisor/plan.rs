@@ -12,8 +12,8 @@ use crate::environment;
 use crate::git::{Identity, TaskDirs};
 use crate::ports::PortMapping;
 use crate::runtime::{
-    ContainerSpec, Mount, Network, NetworkSpec, REPO_LABEL, SERVICE_LABEL, SHARED_LABEL,
-    SandboxPlan, TASK_LABEL, VolumeMount, VolumeSpec,
+    ContainerSpec, Healthcheck, Mount, Network, NetworkSpec, REPO_LABEL, SERVICE_LABEL,
+    SHARED_LABEL, SandboxPlan, TASK_LABEL, VolumeMount, VolumeSpec,
 };
 use crate::workspace::Workspace;
 
@@ -308,6 +308,7 @@ pub(crate) fn plan(
         stdin: request.interactive.stdin,
         console_size: request.interactive.size.filter(|_| request.interactive.tty),
         privileges: request.privileges.clone(),
+        healthcheck: Some(Healthcheck::disabled()),
         ..ContainerSpec::default()
     };
     let sandbox = SandboxPlan {
