@@ -404,6 +404,31 @@ fn an_image_without_a_shell_runs_its_command_after_the_checkout() {
         "agentbox: command not found in image {image}: make"
     ));
     env.assert_torn_down("missing");
+
+    // A `/bin/sh` that links nowhere is no shell either.
+    let dangling = format!("agentbox-test/dangling-shell:{}", env.id);
+    build_test_image(
+        &env,
+        &dangling,
+        &format!("FROM {IMAGE}\nRUN [\"/bin/ln\", \"-sf\", \"/nowhere\", \"/usr/bin/sh\"]\n"),
+    );
+    let out = env.output([
+        "run",
+        "--image",
+        &dangling,
+        "linked",
+        "--",
+        "cp",
+        "README.md",
+        "copied.txt",
+    ]);
+    out.expect_code(0);
+    assert_eq!(
+        env.file_at("agentbox/linked", "copied.txt"),
+        env.file_at("main", "README.md"),
+        "{out}"
+    );
+    env.assert_torn_down("linked");
 }
 
 /// Builds `image` from a Dockerfile given on stdin (no context), labelled for the test's guard.

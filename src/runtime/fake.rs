@@ -70,11 +70,6 @@ impl FakeRuntime {
         self.state.lock().unwrap().no_shell = true;
     }
 
-    /// Whether the gate of container `id` was opened.
-    pub(crate) fn gate_opened(&self, id: &str) -> bool {
-        self.state.lock().unwrap().opened.contains(id)
-    }
-
     /// Runs the task's "command" in container `id`.
     fn run_command(&self, id: &str) {
         let command = self.state.lock().unwrap().command.clone();

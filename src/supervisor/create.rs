@@ -74,12 +74,13 @@ impl Supervised<'_> {
                 Err(e) => Err(self.creation_failure(Err(e), Ok(Sandbox::default()))),
             };
         }
-        // Nobody but agentbox types into the container: its stdin can be the gate.
-        let interactive = self.request.interactive.stdin
-            || self.request.interactive.tty
-            || self.request.start_gate.is_some();
+        // The gate stays closed to tasks for now: it runs in the image's own `/bin/sh`, with the
+        // container's environment, and both can come from a task (an image built from its
+        // Dockerfile, `LD_PRELOAD` in an untrusted `containerEnv`). Code running there before the
+        // gate could plant a symlink where the host's checkout writes next. Until the gate is code
+        // no task can choose, the container starts once the worktree is complete.
         let plan = SandboxPlan {
-            gate: !interactive,
+            gate: false,
             ..plan.clone()
         };
         match tokio::join!(checkout, self.create_and_start_early(&plan)) {

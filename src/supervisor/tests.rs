@@ -1022,8 +1022,7 @@ fn records_what_the_command_finds(
 }
 
 #[tokio::test]
-async fn a_container_started_during_the_checkout_runs_its_command_only_once_the_worktree_is_ready()
-{
+async fn a_container_starts_only_once_the_worktree_is_ready() {
     let fx = fixture();
     let fake = FakeRuntime::default();
     let found = records_what_the_command_finds(&fx, &fake, "early");
@@ -1034,16 +1033,13 @@ async fn a_container_started_during_the_checkout_runs_its_command_only_once_the_
         ["a.txt", "dir/b.txt", ".env.agentbox"],
         "the command ran once, in a complete worktree"
     );
-    let calls = fake.calls();
-    let container = calls
-        .iter()
-        .find_map(|c| c.strip_prefix("start "))
-        .expect("the container started")
-        .to_owned();
-    assert!(fake.gate_opened(&container), "{calls:?}");
     assert!(
-        calls.contains(&format!("attach_interactive {container}")),
-        "the gate is the container's stdin: {calls:?}"
+        !fake
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("attach_interactive")),
+        "no gate: the image's shell and environment may be a task's {:?}",
+        fake.calls()
     );
     fx.assert_no_trace(&fake, "early");
 }
