@@ -72,7 +72,7 @@ pub enum StartError {
 }
 
 impl StartError {
-    /// As an engine error: for a container whose own command is agentbox's (an idle one, a gated
+    /// As an engine error: for a container whose own command is agentbox's (a pool slot's idle
     /// one), a command that cannot start is the engine's problem, not the task's.
     pub fn into_runtime_error(self, action: &'static str, container: &str) -> RuntimeError {
         match self {
@@ -170,8 +170,8 @@ pub struct Healthcheck {
 
 impl Healthcheck {
     /// No healthcheck, not even the image's: for a task's container, which nothing waits on, and
-    /// which is started before the host has finished writing its worktree (a gated start, a pool
-    /// slot being moved to a task's start) — an image's check running then would race those writes.
+    /// which may run while the host still writes its worktree (a pool slot being moved to a
+    /// task's start) — an image's check running then would race those writes.
     pub fn disabled() -> Self {
         Self {
             test: vec!["NONE".to_owned()],
@@ -303,10 +303,6 @@ pub struct SandboxPlan {
     /// Variables the container's shell sets before the setup and the command (`KEY`, a value
     /// in which `${VAR}` names the container's own variables).
     pub shell_env: Vec<(String, String)>,
-    /// Make the task's container able to start before its worktree is ready: once started, it
-    /// waits for [`open_gate`] before the setup and the command. The engine decides whether it
-    /// can ([`Sandbox::gated`]): the wait needs the image's `/bin/sh`.
-    pub gate: bool,
 }
 
 /// What exists of a task's sandbox (complete, or as far as a failed creation got).
@@ -318,8 +314,6 @@ pub struct Sandbox {
     pub container: Option<String>,
     /// What the task's image runs by default.
     pub image_defaults: ImageDefaults,
-    /// The task's container waits, once started, for [`open_gate`] (see [`SandboxPlan::gate`]).
-    pub gated: bool,
 }
 
 impl Sandbox {
@@ -564,29 +558,17 @@ pub struct EngineVersion {
     pub agreed: String,
 }
 
-/// What the task's container runs when agentbox wraps its command in the container's own shell:
-/// first, if `gated`, a wait for [`open_gate`]; then the setup commands, whose output is streamed
-/// and logged exactly like the command's; then the command the container would have run without
-/// either (the image's entrypoint followed by the given command, or the image's default command).
-/// Returns the new entrypoint and command.
-pub fn wrap_command(
-    gated: bool,
+/// Runs the setup commands in the container's own shell before the task's command, so that their
+/// output is streamed and logged exactly like the command's. The command is what the container
+/// would have run without setup: the image's entrypoint followed by the given command (or the
+/// image's default command). Returns the new entrypoint and command.
+pub fn wrap_with_setup(
     setup: &[String],
     shell_env: &[(String, String)],
     command: Option<Vec<String>>,
     image: &ImageDefaults,
 ) -> (Vec<String>, Vec<String>) {
-    let mut script = String::new();
-    if gated {
-        // Anything but agentbox's word (its end of stdin closing because it died, say) means the
-        // worktree may be half made: nothing may run in it.
-        script.push_str(
-            "IFS= read -r agentbox_gate || exit 125\n\
-             [ \"$agentbox_gate\" = go ] || exit 125\n\
-             exec </dev/null\n",
-        );
-    }
-    script.push_str(
+    let mut script = String::from(
         "agentbox_setup() {\n\
          \x20 printf 'agentbox: setup: %s\\n' \"$2\" >&2\n\
          \x20 /bin/sh -c \"$2\" </dev/null\n\
@@ -607,7 +589,7 @@ pub fn wrap_command(
             shell_words::quote(step)
         ));
     }
-    script.push_str(INIT_LIKE_EXEC);
+    script.push_str("exec \"$@\"\n");
     let entrypoint = vec![
         "/bin/sh".to_owned(),
         "-c".to_owned(),
@@ -617,42 +599,6 @@ pub fn wrap_command(
     let mut cmd = image.entrypoint.clone();
     cmd.extend(command.unwrap_or_else(|| image.cmd.clone()));
     (entrypoint, cmd)
-}
-
-/// The end of a wrapping script: replaces the shell with the command, and reports a command that
-/// cannot be executed as the container's init reports it when the command is its own (`[FATAL tini
-/// (N)] exec make failed: No such file or directory`), so that agentbox says the same words and
-/// exit code (127, or 126) whether or not the command was wrapped.
-const INIT_LIKE_EXEC: &str = "agentbox_cannot() {\n\
-    \x20 printf '[FATAL tini (%s)] exec %s failed: %s\\n' \"$$\" \"$1\" \"$2\" >&2\n\
-    \x20 exit \"$3\"\n\
-    }\n\
-    case $1 in\n\
-    \x20 */*)\n\
-    \x20   [ -e \"$1\" ] || agentbox_cannot \"$1\" 'No such file or directory' 127\n\
-    \x20   [ -f \"$1\" ] && [ -x \"$1\" ] || agentbox_cannot \"$1\" 'Permission denied' 126 ;;\n\
-    \x20 *)\n\
-    \x20   agentbox_rest=$PATH\n\
-    \x20   while :; do\n\
-    \x20     agentbox_dir=${agentbox_rest%%:*}\n\
-    \x20     [ -f \"${agentbox_dir:-.}/$1\" ] && [ -x \"${agentbox_dir:-.}/$1\" ] && break\n\
-    \x20     [ \"$agentbox_rest\" = \"$agentbox_dir\" ] && agentbox_cannot \"$1\" 'No such file or directory' 127\n\
-    \x20     agentbox_rest=${agentbox_rest#*:}\n\
-    \x20   done ;;\n\
-    esac\n\
-    exec \"$@\"\n";
-
-/// What agentbox writes to a gated container's stdin ([`SandboxPlan::gate`]) once its worktree
-/// is ready, and then closes.
-pub const GATE_WORD: &[u8] = b"go\n";
-
-/// Lets the command of a gated container start: agentbox's word, then the end of its stdin.
-pub async fn open_gate(
-    input: &mut std::pin::Pin<Box<dyn tokio::io::AsyncWrite + Send>>,
-) -> std::io::Result<()> {
-    use tokio::io::AsyncWriteExt;
-    input.write_all(GATE_WORD).await?;
-    input.shutdown().await
 }
 
 /// `value` for the shell: literal but for `${VAR}`, which the shell expands.
@@ -695,12 +641,11 @@ mod tests {
             cmd: vec!["serve".into()],
         };
         let setup = vec!["npm ci".to_owned(), "echo 'it''s'".to_owned()];
-        let (entrypoint, cmd) = wrap_command(false, &setup, &[], None, &image);
+        let (entrypoint, cmd) = wrap_with_setup(&setup, &[], None, &image);
         assert_eq!(entrypoint[0], "/bin/sh");
         assert!(entrypoint[2].contains("agentbox_setup 1 'npm ci'\n"));
         assert!(entrypoint[2].contains("agentbox_setup 2 "));
         assert!(entrypoint[2].ends_with("exec \"$@\"\n"));
-        assert!(!entrypoint[2].contains("agentbox_gate"), "not gated");
         let quoted = entrypoint[2]
             .lines()
             .find(|l| l.starts_with("agentbox_setup 2 "))
@@ -708,89 +653,8 @@ mod tests {
             .trim_start_matches("agentbox_setup 2 ");
         assert_eq!(shell_words::split(quoted).unwrap(), ["echo 'it''s'"]);
         assert_eq!(cmd, ["/entry", "serve"]);
-        let (_, cmd) = wrap_command(false, &setup, &[], Some(vec!["make".into()]), &image);
+        let (_, cmd) = wrap_with_setup(&setup, &[], Some(vec!["make".into()]), &image);
         assert_eq!(cmd, ["/entry", "make"]);
-    }
-
-    /// Runs a wrapped command under this machine's `/bin/sh` with `stdin`, as a container would.
-    fn run_wrapped(gated: bool, command: &[&str], stdin: &[u8]) -> std::process::Output {
-        use std::io::Write;
-        let command = command.iter().map(|s| s.to_string()).collect();
-        let (entrypoint, cmd) =
-            wrap_command(gated, &[], &[], Some(command), &ImageDefaults::default());
-        let mut child = std::process::Command::new(&entrypoint[0])
-            .args(&entrypoint[1..])
-            .args(&cmd)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        // An ungated shell may be gone before it would have read anything.
-        let _ = child.stdin.take().unwrap().write_all(stdin);
-        child.wait_with_output().unwrap()
-    }
-
-    #[test]
-    fn a_gated_command_runs_only_after_agentboxs_word() {
-        let ran = run_wrapped(true, &["sh", "-c", "echo ran; cat"], b"go\nleft over");
-        assert_eq!(ran.status.code(), Some(0), "{ran:?}");
-        assert_eq!(
-            String::from_utf8_lossy(&ran.stdout),
-            "ran\n",
-            "the command's stdin is empty, not what followed the word"
-        );
-        for stdin in [&b""[..], b"go", b"gone\n", b"no\ngo\n"] {
-            let refused = run_wrapped(true, &["sh", "-c", "echo ran"], stdin);
-            assert_eq!(refused.status.code(), Some(125), "{stdin:?}: {refused:?}");
-            assert!(refused.stdout.is_empty(), "{stdin:?}: {refused:?}");
-        }
-    }
-
-    #[test]
-    fn a_wrapped_command_is_found_on_the_path_as_the_init_finds_it() {
-        // `true` is a builtin of the shell too, which must not hide that it is a program.
-        for command in [
-            &["true"][..],
-            &["sh", "-c", "exit 3"],
-            &["/bin/sh", "-c", "exit 3"],
-        ] {
-            for gated in [false, true] {
-                let out = run_wrapped(gated, command, b"go\n");
-                let code = if command[0] == "true" { 0 } else { 3 };
-                assert_eq!(out.status.code(), Some(code), "{command:?}: {out:?}");
-                assert!(out.stderr.is_empty(), "{command:?}: {out:?}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_wrapped_command_that_cannot_run_is_reported_as_the_init_reports_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let plain = dir.path().join("plain");
-        std::fs::write(&plain, "not a program").unwrap();
-        let plain = plain.display().to_string();
-        let missing = dir.path().join("missing").display().to_string();
-        let here = dir.path().display().to_string();
-        for (command, code, reason) in [
-            ("no-such-command-anywhere", 127, "No such file or directory"),
-            ("cd", 127, "No such file or directory"),
-            (missing.as_str(), 127, "No such file or directory"),
-            (plain.as_str(), 126, "Permission denied"),
-            (here.as_str(), 126, "Permission denied"),
-        ] {
-            for gated in [false, true] {
-                let out = run_wrapped(gated, &[command, "arg"], b"go\n");
-                assert_eq!(out.status.code(), Some(code), "{command}: {out:?}");
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                let report = stderr.lines().next().unwrap_or_default();
-                assert!(
-                    report.starts_with("[FATAL tini (")
-                        && report.ends_with(&format!(")] exec {command} failed: {reason}")),
-                    "{command}: {stderr}"
-                );
-            }
-        }
     }
 
     #[test]

@@ -379,24 +379,7 @@ fn an_image_without_a_shell_runs_its_command_after_the_checkout() {
         &format!("FROM scratch\nCOPY --from={TOOLS_IMAGE} /usr/local/bin/busybox /busybox\n"),
     );
 
-    let out = env.output([
-        "run",
-        "--image",
-        &image,
-        "plain",
-        "--",
-        "/busybox",
-        "cp",
-        "README.md",
-        "copied.txt",
-    ]);
-    out.expect_code(0);
-    assert_eq!(
-        env.file_at("agentbox/plain", "copied.txt"),
-        env.file_at("main", "README.md"),
-        "the command saw the checked-out worktree\n{out}"
-    );
-    env.assert_torn_down("plain");
+    copies_the_readme(&env, &image, "plain", &["/busybox", "cp"]);
 
     let out = env.output(["run", "--image", &image, "missing", "--", "make"]);
     out.expect_code(127);
@@ -412,23 +395,23 @@ fn an_image_without_a_shell_runs_its_command_after_the_checkout() {
         &dangling,
         &format!("FROM {IMAGE}\nRUN [\"/bin/ln\", \"-sf\", \"/nowhere\", \"/usr/bin/sh\"]\n"),
     );
-    let out = env.output([
-        "run",
-        "--image",
-        &dangling,
-        "linked",
-        "--",
-        "cp",
-        "README.md",
-        "copied.txt",
-    ]);
+    copies_the_readme(&env, &dangling, "linked", &["cp"]);
+}
+
+/// Runs task `task` on `image` copying README.md with `cp` (a command and its first words), and
+/// checks that the command saw the checked-out worktree and that the task is torn down.
+fn copies_the_readme(env: &TestEnv, image: &str, task: &str, cp: &[&str]) {
+    let mut args = vec!["run", "--image", image, task, "--"];
+    args.extend(cp);
+    args.extend(["README.md", "copied.txt"]);
+    let out = env.output(args);
     out.expect_code(0);
     assert_eq!(
-        env.file_at("agentbox/linked", "copied.txt"),
+        env.file_at(&format!("agentbox/{task}"), "copied.txt"),
         env.file_at("main", "README.md"),
-        "{out}"
+        "the command saw the checked-out worktree\n{out}"
     );
-    env.assert_torn_down("linked");
+    env.assert_torn_down(task);
 }
 
 /// Builds `image` from a Dockerfile given on stdin (no context), labelled for the test's guard.

@@ -54,38 +54,6 @@ impl DockerEngine {
         }
     }
 
-    /// Whether the container's filesystem has `/bin/sh` (which a wrapped command needs), asked
-    /// of the engine before the container starts. A link is followed (a few hops, within the
-    /// container): one that leads nowhere is no shell.
-    pub(super) async fn has_shell(&self, id: &str) -> Result<bool, RuntimeError> {
-        /// Go's `os.ModeSymlink`, as the engine reports a path's mode.
-        const SYMLINK: u32 = 1 << 27;
-        let mut path = std::path::PathBuf::from("/bin/sh");
-        for _ in 0..8 {
-            let options = bollard::query_parameters::ContainerArchiveInfoOptions {
-                path: path.display().to_string(),
-            };
-            let stat = match self
-                .docker
-                .get_container_archive_info(id, Some(options))
-                .await
-            {
-                Ok(stat) => stat,
-                Err(e) if is_status(&e, &[404]) => return Ok(false),
-                Err(e) => return Err(api("looking for /bin/sh in container", id)(e)),
-            };
-            if stat.file_mode & SYMLINK == 0 || stat.link_target.is_empty() {
-                return Ok(true);
-            }
-            let parent = path
-                .parent()
-                .unwrap_or(std::path::Path::new("/"))
-                .to_owned();
-            path = parent.join(&stat.link_target);
-        }
-        Ok(false)
-    }
-
     pub(super) async fn start_container(&self, id: &str) -> Result<(), StartError> {
         match self.docker.start_container(id, None).await {
             Ok(()) => Ok(()),

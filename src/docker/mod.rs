@@ -19,7 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::runtime::{
     Attached, ContainerSpec, EngineVersion, ExecSpec, Execution, Exit, FoundContainer,
     FoundNetwork, ImageDefaults, NetworkSpec, OutputStream, REPO_LABEL, Runtime, RuntimeError,
-    SHARED_LABEL, Sandbox, SandboxPlan, StartError, wrap_command,
+    SHARED_LABEL, Sandbox, SandboxPlan, StartError, wrap_with_setup,
 };
 
 /// The kernel's list of the processes of container `id` (its full id): its cgroup's
@@ -508,52 +508,24 @@ impl Runtime for DockerEngine {
         {
             *name = id;
         }
-        let wrapped = |gated: bool| {
-            let mut task = task.clone();
-            if gated || !plan.setup.is_empty() || !plan.shell_env.is_empty() {
-                let (entrypoint, cmd) = wrap_command(
-                    gated,
-                    &plan.setup,
-                    &plan.shell_env,
-                    task.command.take(),
-                    &task_defaults,
-                );
-                task.entrypoint = Some(entrypoint);
-                task.command = Some(cmd);
-            }
-            if gated {
-                task.stdin = true;
-            }
-            task
-        };
-        let gate = plan.gate && !plan.task.stdin && !plan.task.tty;
-        let id = match self.make_container(&wrapped(gate)).await {
-            Ok(id) => id,
-            Err(e) => return Err((e, made)),
-        };
-        made.container = Some(id.clone());
-        made.gated = gate;
-        // Setup runs in the shell anyway; without setup, an image may have no shell, and then its
-        // container is made again to run the command itself.
-        if gate && plan.setup.is_empty() && plan.shell_env.is_empty() {
-            match self.has_shell(&id).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    made.gated = false;
-                    if let Err(e) = self.remove_container(&id).await {
-                        return Err((e, made));
-                    }
-                    made.container = None;
-                    match self.make_container(&wrapped(false)).await {
-                        Ok(id) => made.container = Some(id),
-                        Err(e) => return Err((e, made)),
-                    }
-                }
-                Err(e) => return Err((e, made)),
-            }
+        if !plan.setup.is_empty() || !plan.shell_env.is_empty() {
+            let (entrypoint, cmd) = wrap_with_setup(
+                &plan.setup,
+                &plan.shell_env,
+                task.command.take(),
+                &task_defaults,
+            );
+            task.entrypoint = Some(entrypoint);
+            task.command = Some(cmd);
         }
         made.image_defaults = task_defaults;
-        Ok(made)
+        match self.make_container(&task).await {
+            Ok(id) => {
+                made.container = Some(id);
+                Ok(made)
+            }
+            Err(e) => Err((e, made)),
+        }
     }
 
     async fn attach(&self, container: &str) -> Result<OutputStream, RuntimeError> {

@@ -27,12 +27,6 @@ struct State {
     images: BTreeSet<String>,
     /// The newest API version the engine says it speaks; `None` is agentbox's own.
     api: Option<String>,
-    /// The images have no `/bin/sh`: no container can be gated.
-    no_shell: bool,
-    /// Containers made gated: started, they run their command only once the gate opens.
-    gated: BTreeSet<String>,
-    /// Gated containers whose gate opened.
-    opened: BTreeSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -63,19 +57,6 @@ impl FakeRuntime {
     /// Makes `image` present.
     pub(crate) fn has_image(&self, image: &str) {
         self.state.lock().unwrap().images.insert(image.to_owned());
-    }
-
-    /// Makes every image one without `/bin/sh`, so that no container is gated.
-    pub(crate) fn without_shell(&self) {
-        self.state.lock().unwrap().no_shell = true;
-    }
-
-    /// Runs the task's "command" in container `id`.
-    fn run_command(&self, id: &str) {
-        let command = self.state.lock().unwrap().command.clone();
-        if let Some(command) = command {
-            command(id);
-        }
     }
 
     /// Makes the engine say it speaks API `api` at most.
@@ -137,50 +118,6 @@ impl FakeRuntime {
     }
 }
 
-/// A gated container's stdin: agentbox's word and its end run the command, as the gate's script
-/// would.
-struct GateInput {
-    fake: FakeRuntime,
-    container: String,
-    said: Vec<u8>,
-}
-
-impl tokio::io::AsyncWrite for GateInput {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        bytes: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        self.said.extend_from_slice(bytes);
-        std::task::Poll::Ready(Ok(bytes.len()))
-    }
-
-    fn poll_flush(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let opened = self.said == super::GATE_WORD
-            && self
-                .fake
-                .state
-                .lock()
-                .unwrap()
-                .opened
-                .insert(self.container.clone());
-        if opened {
-            self.fake.run_command(&self.container);
-        }
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 /// The engine refuses to create a container whose bind source does not exist.
 fn bind_sources_exist(container: &ContainerSpec) -> Result<(), RuntimeError> {
     match container
@@ -234,13 +171,7 @@ impl Runtime for FakeRuntime {
         self.call("create_container", &plan.task.name)
             .and_then(|()| bind_sources_exist(&plan.task))
             .map_err(|e| (e, made.clone()))?;
-        let id = self.add_container(&plan.task.name, &plan.task.labels);
-        let mut state = self.state.lock().unwrap();
-        made.gated = plan.gate && !plan.task.stdin && !plan.task.tty && !state.no_shell;
-        if made.gated {
-            state.gated.insert(id.clone());
-        }
-        made.container = Some(id);
+        made.container = Some(self.add_container(&plan.task.name, &plan.task.labels));
         Ok(made)
     }
 
@@ -261,8 +192,9 @@ impl Runtime for FakeRuntime {
     async fn start(&self, container: &str) -> Result<(), StartError> {
         self.call("start", container)?;
         self.set_running(container, true);
-        if !self.state.lock().unwrap().gated.contains(container) {
-            self.run_command(container);
+        let command = self.state.lock().unwrap().command.clone();
+        if let Some(command) = command {
+            command(container);
         }
         Ok(())
     }
@@ -381,20 +313,9 @@ impl Runtime for FakeRuntime {
         _detach_keys: &str,
     ) -> Result<super::Attached, RuntimeError> {
         self.call("attach_interactive", container)?;
-        if !self.state.lock().unwrap().gated.contains(container) {
-            return Ok(super::Attached {
-                output: Box::pin(futures::stream::empty()),
-                input: Box::pin(tokio::io::sink()),
-            });
-        }
-        let output = self.attach(container).await?;
         Ok(super::Attached {
-            output,
-            input: Box::pin(GateInput {
-                fake: self.clone(),
-                container: container.to_owned(),
-                said: Vec::new(),
-            }),
+            output: Box::pin(futures::stream::empty()),
+            input: Box::pin(tokio::io::sink()),
         })
     }
 

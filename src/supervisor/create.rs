@@ -6,19 +6,12 @@ use crate::config::EnvVar;
 use crate::environment;
 use crate::fs_guard::GuardedDir;
 use crate::git::TaskDirs;
-use crate::runtime::{Attached, Output, RuntimeError, Sandbox, SandboxPlan};
-
-/// Detach keys nobody types: the gate's stdin carries nothing but agentbox's word.
-const GATE_DETACH_KEYS: &str = "ctrl-@";
+use crate::runtime::{Output, RuntimeError, Sandbox, SandboxPlan};
 
 impl Supervised<'_> {
     /// Makes the branch and the git dirs, then checks out and fills the worktree while the engine
-    /// creates the sandbox and, when it can, starts the task's container: that one waits for
-    /// the worktree behind its gate ([`SandboxPlan::gate`]), which `supervise` opens.
-    pub(super) async fn create(
-        &mut self,
-        plan: &SandboxPlan,
-    ) -> Result<(Sandbox, Option<Attached>), SetupFailure> {
+    /// creates the sandbox.
+    pub(super) async fn create(&mut self, plan: &SandboxPlan) -> Result<Sandbox, SetupFailure> {
         let fail = |error: RunError| SetupFailure {
             error,
             sandbox: Sandbox::default(),
@@ -63,78 +56,33 @@ impl Supervised<'_> {
             }
             Ok(())
         };
-        if mounts_from_inside(plan, &self.dirs.worktree) {
+        let (checkout, sandbox) = if mounts_from_inside(plan, &self.dirs.worktree) {
             // The engine refuses a bind source that does not exist yet, and only the checkout
             // makes the worktree's directories.
-            return match checkout.await {
-                Ok(()) => match self.runtime.create_sandbox(plan).await {
-                    Ok(sandbox) => Ok((sandbox, None)),
-                    Err(failed) => Err(self.creation_failure(Ok(()), Err(failed))),
-                },
-                Err(e) => Err(self.creation_failure(Err(e), Ok(Sandbox::default()))),
-            };
-        }
-        // The gate stays closed to tasks for now: it runs in the image's own `/bin/sh`, with the
-        // container's environment, and both can come from a task (an image built from its
-        // Dockerfile, `LD_PRELOAD` in an untrusted `containerEnv`). Code running there before the
-        // gate could plant a symlink where the host's checkout writes next. Until the gate is code
-        // no task can choose, the container starts once the worktree is complete.
-        let plan = SandboxPlan {
-            gate: false,
-            ..plan.clone()
+            let checkout = checkout.await;
+            match checkout {
+                Ok(()) => (Ok(()), self.runtime.create_sandbox(plan).await),
+                Err(e) => (Err(e), Ok(Sandbox::default())),
+            }
+        } else {
+            tokio::join!(checkout, self.runtime.create_sandbox(plan))
         };
-        match tokio::join!(checkout, self.create_and_start_early(&plan)) {
-            (Ok(()), Ok(made)) => Ok(made),
-            (checkout, made) => {
-                Err(self.creation_failure(checkout, made.map(|(sandbox, _)| sandbox)))
+        match (checkout, sandbox) {
+            (Ok(()), Ok(sandbox)) => Ok(sandbox),
+            (checkout, sandbox) => {
+                let (engine_error, sandbox) = match sandbox {
+                    Ok(sandbox) => (None, sandbox),
+                    Err((e, sandbox)) => (Some(e), sandbox),
+                };
+                // The engine's error first: it is the one a missing image or a dead engine causes.
+                let error = match (engine_error, checkout) {
+                    (Some(e), _) => self.engine_error(e),
+                    (None, Err(e)) => e,
+                    (None, Ok(())) => unreachable!("one side failed"),
+                };
+                Err(SetupFailure { error, sandbox })
             }
         }
-    }
-
-    /// Creates the sandbox and, if its container is gated, attaches to it and starts it: it then
-    /// idles behind its gate until the worktree is ready.
-    async fn create_and_start_early(
-        &self,
-        plan: &SandboxPlan,
-    ) -> Result<(Sandbox, Option<Attached>), (RuntimeError, Sandbox)> {
-        let sandbox = self.runtime.create_sandbox(plan).await?;
-        let Some(container) = sandbox.container.clone().filter(|_| sandbox.gated) else {
-            return Ok((sandbox, None));
-        };
-        let attached = match self
-            .runtime
-            .attach_interactive(&container, GATE_DETACH_KEYS)
-            .await
-        {
-            Ok(attached) => attached,
-            Err(e) => return Err((e, sandbox)),
-        };
-        match self.runtime.start(&container).await {
-            Ok(()) => Ok((sandbox, Some(attached))),
-            Err(e) => Err((
-                e.into_runtime_error("starting the gated command of", &container),
-                sandbox,
-            )),
-        }
-    }
-
-    /// What failed of a creation, and what exists of it for the rollback.
-    fn creation_failure(
-        &self,
-        checkout: Result<(), RunError>,
-        sandbox: Result<Sandbox, (RuntimeError, Sandbox)>,
-    ) -> SetupFailure {
-        let (engine_error, sandbox) = match sandbox {
-            Ok(sandbox) => (None, sandbox),
-            Err((e, sandbox)) => (Some(e), sandbox),
-        };
-        // The engine's error first: it is the one a missing image or a dead engine causes.
-        let error = match (engine_error, checkout) {
-            (Some(e), _) => self.engine_error(e),
-            (None, Err(e)) => e,
-            (None, Ok(())) => unreachable!("one side failed"),
-        };
-        SetupFailure { error, sandbox }
     }
 
     /// Runs one of the user's own host commands (a devcontainer's `initializeCommand`) in the

@@ -213,11 +213,11 @@ pub async fn run(
     };
     match slot {
         Some((slot, claim)) => match run.adopt(&slot, claim).await {
-            Ok(sandbox) => run.supervise(sandbox, Launch::Exec, None).await,
+            Ok(sandbox) => run.supervise(sandbox, Launch::Exec).await,
             Err(failure) => Err(run.roll_back(failure).await),
         },
         None => match run.create(&plan).await {
-            Ok((sandbox, early)) => run.supervise(sandbox, Launch::Start, early).await,
+            Ok(sandbox) => run.supervise(sandbox, Launch::Start).await,
             Err(failure) => Err(run.roll_back(failure).await),
         },
     }

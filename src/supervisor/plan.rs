@@ -318,7 +318,6 @@ pub(crate) fn plan(
         task: task_spec,
         setup: request.setup.clone(),
         shell_env: request.shell_env.clone(),
-        gate: false,
     };
     Ok((sandbox, env))
 }

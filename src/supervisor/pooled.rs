@@ -4,7 +4,7 @@
 use super::create::fill_worktree;
 use super::{IDLE_COMMAND, RunError, SetupFailure, Supervised, ZERO_ID};
 use crate::pool::{self, Slot, SlotClaim};
-use crate::runtime::{ExecSpec, REPO_LABEL, SERVICE_LABEL, Sandbox, wrap_command};
+use crate::runtime::{ExecSpec, REPO_LABEL, SERVICE_LABEL, Sandbox, wrap_with_setup};
 
 /// Where the command's pid is kept inside the container, for a graceful stop.
 const PID_FILE: &str = "/tmp/.agentbox-command.pid";
@@ -137,13 +137,8 @@ impl Supervised<'_> {
             command.extend(defaults.entrypoint.iter().cloned());
             command.extend(own.unwrap_or_else(|| defaults.cmd.clone()));
         } else {
-            let (entrypoint, cmd) = wrap_command(
-                false,
-                &self.request.setup,
-                &self.request.shell_env,
-                own,
-                defaults,
-            );
+            let (entrypoint, cmd) =
+                wrap_with_setup(&self.request.setup, &self.request.shell_env, own, defaults);
             command.extend(entrypoint);
             command.extend(cmd);
         }

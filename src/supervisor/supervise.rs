@@ -7,16 +7,14 @@ use super::{
     Launch, RunError, RunEvent, RunOutcome, Running, SetupFailure, StopLevel, StopSignal,
     Supervised, live_import, output,
 };
-use crate::runtime::{Attached, Exit, RuntimeError, Sandbox, StartError};
+use crate::runtime::{Exit, RuntimeError, Sandbox, StartError};
 use crate::task::TaskState;
 
 impl Supervised<'_> {
-    /// `early` is the attachment to a container that `create` started behind its gate.
     pub(super) async fn supervise(
         mut self,
         sandbox: Sandbox,
         launch: Launch,
-        early: Option<Attached>,
     ) -> Result<RunOutcome, RunError> {
         let container_id = sandbox
             .container
@@ -37,15 +35,10 @@ impl Supervised<'_> {
             Ok(log) => log,
             Err(error) => return Err(self.roll_back(fail_setup(error, sandbox)).await),
         };
-        let (early_output, mut gate) = match early {
-            Some(Attached { output, input }) => (Some(output), Some(input)),
-            None => (None, None),
-        };
         // Attached before the start (a container's output) or with it (an exec's).
-        let attached = match (launch, early_output) {
-            (Launch::Start, Some(output)) => Ok(Some(output)),
-            (Launch::Start, None) => self.runtime.attach(&container_id).await.map(Some),
-            (Launch::Exec, _) => Ok(None),
+        let attached = match launch {
+            Launch::Start => self.runtime.attach(&container_id).await.map(Some),
+            Launch::Exec => Ok(None),
         };
         let attached = match attached {
             Ok(attached) => attached,
@@ -73,24 +66,11 @@ impl Supervised<'_> {
         let (started, started_gate) = tokio::sync::oneshot::channel();
         let (output_done, output_ended) = tokio::sync::oneshot::channel::<()>();
         let launched = match (launch, attached) {
-            (Launch::Start, Some(stream)) => match gate.as_mut() {
-                // Started already: the worktree is ready now, and the command may run.
-                Some(gate) => crate::runtime::open_gate(gate)
-                    .await
-                    .map_err(|source| {
-                        StartError::Runtime(RuntimeError::Api {
-                            action: "opening the gate of",
-                            target: container_id.clone(),
-                            source: source.into(),
-                        })
-                    })
-                    .map(|()| (stream, None)),
-                None => self
-                    .runtime
-                    .start(&container_id)
-                    .await
-                    .map(|()| (stream, None)),
-            },
+            (Launch::Start, Some(stream)) => self
+                .runtime
+                .start(&container_id)
+                .await
+                .map(|()| (stream, None)),
             (Launch::Start, None) => unreachable!("a container is attached to before its start"),
             (Launch::Exec, _) => {
                 let spec = self.exec_spec(&sandbox);

@@ -1038,38 +1038,14 @@ async fn a_container_starts_only_once_the_worktree_is_ready() {
             .calls()
             .iter()
             .any(|c| c.starts_with("attach_interactive")),
-        "no gate: the image's shell and environment may be a task's {:?}",
+        "no gate: the image's shell and environment may be a task's: {:?}",
         fake.calls()
     );
     fx.assert_no_trace(&fake, "early");
 }
 
 #[tokio::test]
-async fn an_image_without_a_shell_starts_once_the_worktree_is_ready() {
-    let fx = fixture();
-    let fake = FakeRuntime::default();
-    fake.without_shell();
-    let found = records_what_the_command_finds(&fx, &fake, "plain");
-    let outcome = fx.run(&fake, fx.request("plain")).await.unwrap();
-    assert_eq!(outcome.exit_code, 0);
-    assert_eq!(
-        *found.lock().unwrap(),
-        ["a.txt", "dir/b.txt", ".env.agentbox"],
-        "started after the checkout"
-    );
-    assert!(
-        !fake
-            .calls()
-            .iter()
-            .any(|c| c.starts_with("attach_interactive")),
-        "{:?}",
-        fake.calls()
-    );
-    fx.assert_no_trace(&fake, "plain");
-}
-
-#[tokio::test]
-async fn a_gated_container_is_removed_when_the_checkout_fails() {
+async fn a_command_never_runs_when_the_checkout_fails() {
     let fx = fixture();
     let fake = FakeRuntime::default();
     let found = records_what_the_command_finds(&fx, &fake, "broken");
